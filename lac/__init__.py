@@ -1,0 +1,3 @@
+"""lac: localized additive composition (arXiv 2605.23147) on any HF causal LM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""The tidy results schema every job writes and every report reads.
+
+One row per (cell, site, layer(s), intervention, metric). Kept in one place so
+the runner, the tracker and the report cannot drift apart.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# column -> pandas dtype
+COLUMNS: dict[str, str] = {
+    "model": "string",  # config name, e.g. "qwen0.5"
+    "model_id": "string",  # HF id or embedded identity, e.g. "google/gemma-2-2b-it"
+    "grid": "string",  # grid name: short | long | markers | custom name
+    "cell": "string",  # "{persona_key}__{task_key}"
+    "persona": "string",  # persona key
+    "task": "string",  # task key
+    "site": "string",  # p_user_last | p_last | g1 | g2
+    "layer": "int64",  # the layer (deepest layer of a multi-layer set; -1: no vector written)
+    "layers": "string",  # "14" or "10,12,14"; "" when no vector is written
+    "intervention": "string",  # additive | remove_x | ... | "decomposition" for geometry rows
+    "metric": "string",  # kl | cos_xy_sum | cos_x_y | inter_ratio | marker_any | marker_distinct
+    "value": "float64",
+    "schema": "int64",  # SCHEMA_VERSION
+}
+
+GEOMETRY_METRICS = ("cos_xy_sum", "cos_x_y", "inter_ratio")
+MARKER_METRICS = ("marker_any", "marker_distinct")
+DECOMPOSITION = "decomposition"
