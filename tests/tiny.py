@@ -1,0 +1,47 @@
+"""Tiny randomly initialised models (Gemma-2, Qwen2, Llama) built from configs: no downloads."""
+
+from __future__ import annotations
+
+import torch
+
+from lac.models import LoadedModel
+
+
+class StubTokenizer:
+    """Enough of a tokenizer for engine tests on random models."""
+
+    pad_token_id = 0
+    eos_token_id = 1
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    if arch == "gemma2":
+        cfg = Gemma2Config(**common, head_dim=16, sliding_window=6, query_pre_attn_scalar=16,
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+        model = Gemma2ForCausalLM(cfg)
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = "eager"
+    model.to(dtype).eval()
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 0
+    return LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, torch.device("cpu"))
