@@ -1,0 +1,616 @@
+"""lac.report on synthetic job dirs: numbers, published side by side, figures, CLI, W&B offline.
+
+Fast and model-free: every results set is built here from known values, so each
+median / IQR can be checked against numpy directly.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lac
+from lac import report
+from lac.schema import COLUMNS, SCHEMA_VERSION
+
+GEMMA = "google/gemma-2-2b-it"
+QWEN15 = "Qwen/Qwen2.5-1.5B-Instruct"
+QWEN3 = "Qwen/Qwen2.5-3B-Instruct"
+OTHER = "embedded:qwen2.5-coder-0.5b-instruct@sha256:abc"
+PERSONAS = ["buffett", "marx", "yoda", "angelou"]
+TASKS = ["policy", "haiku", "recommend"]
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def rows(
+    model: str,
+    model_id: str,
+    grid: str,
+    site: str,
+    layers: str,
+    intervention: str,
+    metric: str,
+    values,
+    personas=PERSONAS,
+    tasks=TASKS,
+) -> list[dict]:
+    """One tidy row per cell, cells in persona-major order, values in that order."""
+    cells = [(p, t) for p in personas for t in tasks]
+    values = list(values)
+    assert len(values) == len(cells)
+    layer = int(layers.split(",")[-1]) if layers else -1
+    return [
+        {
+            "model": model,
+            "model_id": model_id,
+            "grid": grid,
+            "cell": f"{p}__{t}",
+            "persona": p,
+            "task": t,
+            "site": site,
+            "layer": layer,
+            "layers": layers,
+            "intervention": intervention,
+            "metric": metric,
+            "value": float(v),
+            "schema": SCHEMA_VERSION,
+        }
+        for (p, t), v in zip(cells, values, strict=True)
+    ]
+
+
+def frame(rs: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rs, columns=list(COLUMNS)).astype(COLUMNS)
+
+
+def write_job(d: Path, df: pd.DataFrame, summary: dict | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(d / "results.parquet", index=False)
+    body = {"lac_version": lac.__version__, "schema": SCHEMA_VERSION, "config": {}, "summary": {}}
+    body.update(summary or {})
+    (d / "summary.json").write_text(json.dumps(body))
+    (d / ".hydra").mkdir(exist_ok=True)
+    (d / ".hydra" / "config.yaml").write_text("{}\n")
+    return d
+
+
+def kl_values(seed: int, n: int = 12, scale: float = 0.1) -> np.ndarray:
+    return np.random.default_rng(seed).lognormal(np.log(scale), 0.8, n)
+
+
+def sweep_frame(model: str, model_id: str, grid: str, layers=(6, 10, 14), seed: int = 0):
+    """Additive + remove_x KL and geometry at p_last, g1, g2 over `layers`."""
+    rs: list[dict] = []
+    k = seed
+    for site in ("p_last", "g1", "g2"):
+        for L in layers:
+            k += 1
+            rs += rows(model, model_id, grid, site, str(L), "additive", "kl", kl_values(k))
+            rs += rows(model, model_id, grid, site, str(L), "remove_x", "kl", kl_values(k + 100))
+            for j, m in enumerate(("cos_xy_sum", "cos_x_y", "inter_ratio")):
+                v = np.random.default_rng(k * 10 + j).uniform(0, 1, 12)
+                rs += rows(model, model_id, grid, site, str(L), "decomposition", m, v)
+        rs += rows(model, model_id, grid, site, "", "clean", "kl", np.zeros(12))
+        rs += rows(model, model_id, grid, site, "", "bare", "kl", kl_values(k + 200, scale=3))
+    return frame(rs)
+
+
+def cell_of(t: report.Table, model: str, site: str, col: str) -> str:
+    f = t.frame
+    sel = f[(f["model"] == model) & (f["site"] == site)]
+    assert len(sel) == 1, (model, site, f)
+    return str(sel.iloc[0][col])
+
+
+@pytest.fixture
+def multirun(tmp_path: Path) -> Path:
+    """multirun/DATE/TIME/{0,1,2}: two finished jobs (two grids) and one unfinished."""
+    sweep = tmp_path / "results" / "multirun" / "2026-01-02" / "03-04-05"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    write_job(sweep / "0", sweep_frame("qwen0.5", OTHER, "short"))
+    write_job(sweep / "1", sweep_frame("qwen0.5", OTHER, "long", layers=(6, 13, 17), seed=50))
+    (sweep / "2" / "parts").mkdir(parents=True)
+    (sweep / "2" / "parts" / "part-0000.parquet").write_bytes(b"")
+    return tmp_path / "results"
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def test_kl_summary_equals_numpy_percentiles():
+    df = sweep_frame("qwen0.5", OTHER, "short")
+    s = report.kl_summary(df)
+    checked = 0
+    for (grid, site, iv, L), g in df[df.metric == "kl"].groupby(
+        ["grid", "site", "intervention", "layer"]
+    ):
+        p25, med, p75 = np.percentile(g["value"].to_numpy(), [25, 50, 75])
+        r = s[(s.grid == grid) & (s.site == site) & (s.intervention == iv) & (s.layer == L)]
+        assert len(r) == 1
+        assert r.iloc[0]["median"] == pytest.approx(med, rel=1e-12, abs=0)
+        assert r.iloc[0]["p25"] == pytest.approx(p25, rel=1e-12, abs=0)
+        assert r.iloc[0]["p75"] == pytest.approx(p75, rel=1e-12, abs=0)
+        assert r.iloc[0]["n"] == 12
+        checked += 1
+    assert checked == 3 * 3 * 2 + 3 * 2  # (site x layer x {additive, remove_x}) + clean/bare
+
+
+def test_kl_table_cells_show_median_and_iqr():
+    df = sweep_frame("qwen0.5", OTHER, "short")
+    t = report.kl_layer_table(
+        report.kl_summary(df), "short", "additive", report.load_paper_tables()
+    )
+    v = df[(df.site == "g1") & (df.layer == 10) & (df.intervention == "additive")]["value"]
+    p25, med, p75 = np.percentile(v.to_numpy(), [25, 50, 75])
+    assert cell_of(t, "qwen0.5", "g1", "L10") == f"{med:.3g} [{p25:.3g}, {p75:.3g}]"
+    assert list(t.frame.columns) == ["model", "site", "L6", "L10", "L14"]
+    assert [str(x) for x in t.frame["site"]] == ["p_last", "g1", "g2"]
+    assert t.notes == [f"no published values for {OTHER}"]
+    # the markdown carries exactly that string
+    md = report.to_markdown(t.frame)
+    assert "| qwen0.5 | g1 | " in md and f"{med:.3g} [{p25:.3g}, {p75:.3g}]" in md
+
+
+def test_percentiles_use_linear_interpolation():
+    assert report.percentiles([1.0, 2.0, 3.0, 10.0]) == (2.5, 1.75, 4.75)
+    med, p25, p75 = report.percentiles([1.0, float("nan"), 3.0])
+    assert (med, p25, p75) == (2.0, 1.5, 2.5)
+
+
+def test_mixed_grids_are_never_pooled():
+    short = frame(rows("m", OTHER, "short", "p_last", "14", "additive", "kl", np.arange(12) + 1.0))
+    long = frame(rows("m", OTHER, "long", "p_last", "14", "additive", "kl", np.arange(12) + 100.0))
+    df = pd.concat([short, long], ignore_index=True)
+    rep = report.build_tables(df)
+    titles = [t.title for t in rep.tables() if t.key.startswith("kl_additive_")]
+    assert titles == ["Causal KL, additive, grid `short`", "Causal KL, additive, grid `long`"]
+    by_key = {t.key: t for t in rep.tables()}
+    assert cell_of(by_key["kl_additive_short"], "m", "p_last", "L14") == "6.5 [3.75, 9.25]"
+    assert cell_of(by_key["kl_additive_long"], "m", "p_last", "L14") == "106 [103, 108]"
+    pooled = np.percentile(np.r_[np.arange(12) + 1.0, np.arange(12) + 100.0], 50)
+    md = report.render_markdown(rep)
+    assert f"{pooled:.3g} [" not in md
+    assert "## Grid `short`" in md and "## Grid `long`" in md
+
+
+def test_geometry_table_medians_and_published():
+    df = sweep_frame("gemma", GEMMA, "short", layers=(6, 10, 14))
+    gsum = report.geometry_summary(df)
+    t = report.geometry_table(gsum, "short", "cos_xy_sum", report.load_paper_tables())
+    v = df[(df.metric == "cos_xy_sum") & (df.site == "g2") & (df.layer == 14)]["value"]
+    assert cell_of(t, "gemma", "g2", "L14") == f"{np.percentile(v.to_numpy(), 50):.3g}"
+    # published: geometry_medians.gemma.short_L14_cos_xy_sum
+    assert cell_of(t, "gemma", "p_last", "L14 paper") == "0.874"
+    assert cell_of(t, "gemma", "g1", "L14 paper") == "0.935"
+    assert "L6 paper" not in t.frame.columns
+    # no short-grid cos_x_y was published
+    t2 = report.geometry_table(gsum, "short", "cos_x_y", report.load_paper_tables())
+    assert not [c for c in t2.frame.columns if c.endswith("paper")]
+
+
+# --------------------------------------------------------------------------- published side by side
+
+
+def _const_frame(model, model_id, grid, cells: dict[tuple[str, int], float]) -> pd.DataFrame:
+    rs = []
+    for (site, L), v in cells.items():
+        rs += rows(model, model_id, grid, site, str(L), "additive", "kl", np.full(12, v))
+    return frame(rs)
+
+
+def test_published_kl_picks_the_paper_numbers():
+    paper = report.load_paper_tables()
+    assert report.published_kl(paper, GEMMA, "short", "p_last", 14) == (0.371, 0.275, 0.443)
+    assert report.published_kl(paper, GEMMA, "long", "p_last", 18) == (0.518, 0.266, 1.17)
+    assert report.published_kl(paper, QWEN15, "long", "g2", 20) == (0.279, 0.143, 0.481)
+    assert report.published_kl(paper, QWEN15, "short", "g1", 11) == (0.050, 0.032, 0.077)
+    assert report.published_kl(paper, QWEN3, "short", "g1", 9) == (0.021, 0.017, 0.035)
+    assert report.published_kl(paper, QWEN3, "long", "g1", 9) is None  # no 3B long grid
+    assert report.published_kl(paper, GEMMA, "short", "p_last", 14, "remove_x") is None
+    assert report.published_kl(paper, OTHER, "short", "p_last", 14) is None
+    assert report.published_kl(paper, GEMMA, "markers", "p_last", 14) is None
+
+
+def test_side_by_side_tables_and_outside_iqr_marks():
+    paper = report.load_paper_tables()
+    gemma = _const_frame(
+        "gemma",
+        GEMMA,
+        "short",
+        {
+            ("p_last", 14): 0.30,  # inside [0.275, 0.443]
+            ("g1", 14): 0.50,  # outside [0.021, 0.124] -> *
+            ("p_last", 6): 0.0005,  # inside [0.000, 0.001]
+            ("g2", 10): 0.001,  # outside [0.004, 0.023] -> *
+        },
+    )
+    qwen15 = _const_frame("qwen1.5", QWEN15, "short", {("p_last", 7): 0.022, ("p_last", 15): 0.2})
+    qwen3 = _const_frame("qwen3", QWEN3, "short", {("g1", 9): 0.02, ("g1", 14): 0.01})
+    other = _const_frame("tiny", OTHER, "short", {("p_last", 14): 99.0})
+    df = pd.concat([gemma, qwen15, qwen3, other], ignore_index=True)
+    t = report.kl_layer_table(report.kl_summary(df), "short", "additive", paper)
+
+    assert cell_of(t, "gemma", "p_last", "L14 paper") == "0.371 [0.275, 0.443]"
+    assert cell_of(t, "gemma", "g1", "L14 paper") == "0.049 [0.021, 0.124]"
+    assert cell_of(t, "gemma", "p_last", "L6 paper") == "0.0004 [0, 0.001]"
+    assert cell_of(t, "qwen1.5", "p_last", "L7 paper") == "0.022 [0.016, 0.028]"
+    assert cell_of(t, "qwen1.5", "p_last", "L15 paper") == "0.065 [0.03, 0.136]"
+    assert cell_of(t, "qwen3", "g1", "L9 paper") == "0.021 [0.017, 0.035]"
+    assert cell_of(t, "qwen3", "g1", "L14 paper") == "0.045 [0.02, 0.147]"
+    assert cell_of(t, "tiny", "p_last", "L14 paper") == report.DASH
+    assert cell_of(t, "tiny", "p_last", "L14") == "99 [99, 99]"
+    assert t.notes == [f"no published values for {OTHER}"]
+
+    stars = {
+        (str(r["model"]), str(r["site"]), c)
+        for _, r in t.frame.iterrows()
+        for c in t.frame.columns
+        if str(r[c]).endswith("*")
+    }
+    assert stars == {
+        ("gemma", "g1", "L14"),
+        ("gemma", "g2", "L10"),
+        ("qwen1.5", "p_last", "L15"),  # 0.2 > 0.136
+        ("qwen3", "g1", "L14"),  # 0.01 < 0.020
+    }
+    assert "*" not in "".join(t.frame[[c for c in t.frame.columns if c.endswith("paper")]].stack())
+
+
+def test_long_grid_uses_table2_and_other_models_get_none():
+    df = pd.concat(
+        [
+            _const_frame("gemma", GEMMA, "long", {("p_last", 14): 0.1}),
+            _const_frame("tiny", OTHER, "long", {("p_last", 14): 0.1}),
+        ],
+        ignore_index=True,
+    )
+    t = report.kl_layer_table(report.kl_summary(df), "long", "additive", report.load_paper_tables())
+    assert cell_of(t, "gemma", "p_last", "L14 paper") == "0.229 [0.157, 0.386]"
+    assert cell_of(t, "gemma", "p_last", "L14") == "0.1 [0.1, 0.1]*"
+    assert cell_of(t, "tiny", "p_last", "L14") == "0.1 [0.1, 0.1]"
+    only_other = report.kl_layer_table(
+        report.kl_summary(_const_frame("tiny", OTHER, "short", {("p_last", 14): 0.3})),
+        "short",
+        "additive",
+        report.load_paper_tables(),
+    )
+    assert list(only_other.frame.columns) == ["model", "site", "L14"]
+    assert only_other.notes == [f"no published values for {OTHER}"]
+
+
+def _marker_frame(model: str, model_id: str) -> pd.DataFrame:
+    personas = [
+        "engineer",
+        "counselor",
+        "founder",
+        "teacher",
+        "journalist",
+        "doctor",
+        "lawyer",
+        "chef",
+    ]
+    tasks = ["arch", "plan", "proposal"]
+    n = 24
+    hits = {
+        "clean": [1] * 16 + [0] * 8,
+        "additive": [1] * 14 + [0] * 10,
+        "remove_x": [0] * 9 + [1] * 15,
+        "bare": [0] * 23 + [1],
+    }
+    rs = []
+    for iv, h in hits.items():
+        site, layers = ("p_last", "14") if iv in ("additive", "remove_x") else ("p_last", "")
+        distinct = np.array(h) * np.arange(1, n + 1) % 3
+        rs += rows(model, model_id, "markers", site, layers, iv, "marker_any", h, personas, tasks)
+        rs += rows(
+            model,
+            model_id,
+            "markers",
+            site,
+            layers,
+            iv,
+            "marker_distinct",
+            distinct,
+            personas,
+            tasks,
+        )
+    return frame(rs)
+
+
+def test_marker_tables_and_per_persona_counts():
+    paper = report.load_paper_tables()
+    df = pd.concat(
+        [_marker_frame("gemma", GEMMA), _marker_frame("qwen1.5", QWEN15)], ignore_index=True
+    )
+    msum = report.marker_summary(df)
+    t = report.marker_table(msum, "gemma", GEMMA, "markers", paper)
+    f = t.frame.set_index("condition")
+    assert list(f.index) == ["clean", "additive [p_last L14]", "remove_x [p_last L14]", "bare"]
+    assert f.loc["clean", "any rate"] == f"{16 / 24:.3g}"
+    assert f.loc["clean", "any cells"] == "16" and f.loc["clean", "cells"] == "24"
+    assert f.loc["remove_x [p_last L14]", "any cells"] == "15"
+    d = df[
+        (df.model == "gemma") & (df.intervention == "additive") & (df.metric == "marker_distinct")
+    ]
+    assert f.loc["additive [p_last L14]", "distinct mean"] == f"{d['value'].mean():.3g}"
+    assert f.loc["clean", "any rate paper"] == "0.667"
+    assert f.loc["additive [p_last L14]", "any cells paper"] == "14"
+    assert f.loc["remove_x [p_last L14]", "distinct mean paper"] == "0.96"
+    assert f.loc["bare", "any rate paper"] == "0.042"
+
+    q = report.marker_table(msum, "qwen1.5", QWEN15, "markers", paper)
+    assert not [c for c in q.frame.columns if c.endswith("paper")]
+    assert q.notes == [f"no published values for {QWEN15}"]
+
+    counts = report.persona_marker_counts(df, "gemma", GEMMA, "markers").set_index("persona")
+    # clean: first 16 cells (personas engineer..chef, 3 tasks each) -> 5 personas x3 + teacher? no:
+    # cells persona-major: engineer 0-2, counselor 3-5, founder 6-8, teacher 9-11, journalist 12-14,
+    # doctor 15-17 ...; 16 hits -> 3,3,3,3,3,1,0,0
+    assert counts["clean"].to_dict() == {
+        "chef": 0, "counselor": 3, "doctor": 1, "engineer": 3,
+        "founder": 3, "journalist": 3, "lawyer": 0, "teacher": 3,
+    }  # fmt: skip
+    assert counts["bare"].sum() == 1 and counts.loc["chef", "bare"] == 1
+    assert counts["remove_x [p_last L14]"].sum() == 15
+
+
+def _host_frame(model: str, model_id: str) -> pd.DataFrame:
+    personas = ["engineer", "counselor", "founder", "teacher"]
+    tasks = ["arch", "plan", "proposal"]
+    spec = {
+        ("host_none", ""): 3.0,
+        ("host_oracle", "14"): 2.6,
+        ("host_additive", "14"): 2.8,
+        ("host_additive", "10,12,14"): 2.9,
+        ("host_additive", "6,8,10,12,14,16,18,20,22"): 3.1,
+    }
+    rs = []
+    for (iv, layers), base in spec.items():
+        v = base + np.linspace(-0.5, 0.5, 12)
+        rs += rows(model, model_id, "markers", "p_last", layers, iv, "kl", v, personas, tasks)
+    return frame(rs)
+
+
+def test_host_table_lists_layer_sets_separately_with_published():
+    paper = report.load_paper_tables()
+    df = pd.concat([_host_frame("gemma", GEMMA), _host_frame("tiny", OTHER)], ignore_index=True)
+    s = report.layer_set_summary(report.kl_summary(df), host=True)
+    t = report.host_table(s, "gemma", GEMMA, "markers", paper, "Host injection")
+    f = t.frame.set_index("intervention")
+    assert list(f.index) == [
+        "host_none",
+        "host_oracle [14]",
+        "host_additive [14]",
+        "host_additive [10,12,14]",
+        "host_additive [6,8,10,12,14,16,18,20,22]",
+    ]
+    v = 2.9 + np.linspace(-0.5, 0.5, 12)
+    p25, med, p75 = np.percentile(v, [25, 50, 75])
+    assert f.loc["host_additive [10,12,14]", "KL"] == f"{med:.3g} [{p25:.3g}, {p75:.3g}]"
+    assert f.loc["host_none", "KL paper (median)"] == "3.05"
+    assert f.loc["host_oracle [14]", "KL paper (median)"] == "2.64"
+    assert f.loc["host_additive [14]", "KL paper (median)"] == "2.84"
+    assert f.loc["host_additive [10,12,14]", "KL paper (median)"] == "2.81"
+    assert f.loc["host_additive [6,8,10,12,14,16,18,20,22]", "KL paper (median)"] == "3.01"
+    o = report.host_table(s, "tiny", OTHER, "markers", paper, "Host injection")
+    assert "KL paper (median)" not in o.frame.columns
+    assert o.notes == [f"no published values for {OTHER}"]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_kl_by_layer_figure_panels_and_lines():
+    df = pd.concat(
+        [
+            sweep_frame("a", OTHER, "short"),
+            sweep_frame("a", OTHER, "long", layers=(6, 13, 17)),
+            sweep_frame("b", GEMMA, "short"),
+        ],
+        ignore_index=True,
+    )
+    # panel (b, long) with only two of the three transition sites
+    only2 = sweep_frame("b", GEMMA, "long")
+    df = pd.concat([df, only2[only2.site != "g2"]], ignore_index=True)
+    fig = report.kl_by_layer_figure(df)
+    assert len(fig.axes) == 4
+    n_lines = [len(ax.get_lines()) for ax in fig.axes]
+    assert n_lines == [4, 4, 4, 3]  # one per site + the KL = 0.1 line
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["a · short", "a · long", "b · short", "b · long"]
+    threshold = fig.axes[0].get_lines()[-1]
+    assert threshold.get_linestyle() == ":" and set(threshold.get_ydata()) == {0.1}
+    # medians drawn are the summary's medians
+    s = report.kl_summary(df)
+    want = s[(s.model == "a") & (s.grid == "short") & (s.site == "p_last")]
+    want = want[want.intervention == "additive"].sort_values("layer")["median"].to_numpy()
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), want)
+    assert fig.axes[0].get_yscale() == "log"
+
+
+def test_geometry_figure_panels_and_lines():
+    df = pd.concat(
+        [sweep_frame("a", OTHER, "short"), sweep_frame("a", OTHER, "long")], ignore_index=True
+    )
+    fig = report.geometry_by_layer_figure(df)
+    assert len(fig.axes) == 2
+    assert [len(ax.get_lines()) for ax in fig.axes] == [9, 9]  # 3 sites x 3 metrics
+    assert report.geometry_by_layer_figure(df[df.intervention != "decomposition"]) is None
+
+
+def test_cli_writes_figures_tables_and_parquet(multirun: Path, capsys):
+    import matplotlib.image as mpimg
+
+    assert report.main([str(multirun)]) == 0
+    out = multirun / "report"
+    stdout = capsys.readouterr().out
+    for name in ("kl_by_layer", "geometry_by_layer"):
+        png = out / "figures" / f"{name}.png"
+        img = mpimg.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and float(np.var(img)) > 0
+        assert (out / "figures" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+        assert str(png.name) in stdout
+    pooled = pd.read_parquet(out / "results.parquet")
+    assert list(pooled.columns) == list(COLUMNS)
+    n_expected = sum(
+        len(pd.read_parquet(p)) for p in multirun.rglob("results.parquet") if p.parent != out
+    )
+    assert len(pooled) == n_expected
+    assert set(pooled["grid"]) == {"short", "long"}
+    md = (out / "tables.md").read_text()
+    assert "### Causal KL, additive, grid `short`" in md
+    assert "### Causal KL, remove_x, grid `long`" in md
+    assert f"_no published values for {OTHER}_" in md
+    assert "`*` = lac's median lies outside the published [p25, p75]" in md
+    # partial sweep: the unfinished job and the combos present are reported
+    assert "incomplete" in stdout and str((multirun / "multirun").resolve()) in stdout
+    assert "qwen0.5 · short · additive · p_last,g1,g2: L6:12, L10:12, L14:12 cells" in stdout
+    assert "qwen0.5 · long · remove_x · p_last,g1,g2: L6:12, L13:12, L17:12 cells" in stdout
+    assert "1 incomplete" in stdout
+    manifest = json.loads((out / "report.json").read_text())
+    assert manifest["kind"] == "lac-report" and len(manifest["job_dirs"]) == 2
+    assert len(manifest["incomplete"]) == 1 and manifest["incomplete"][0].endswith("/2")
+    assert not list(out.rglob("*.tmp"))
+
+    # a second run over the same root must not read the first report back
+    assert report.main([str(multirun)]) == 0
+    assert len(pd.read_parquet(out / "results.parquet")) == n_expected
+
+
+def test_coverage_shows_what_a_partial_sweep_lacks():
+    df = sweep_frame("m", OTHER, "short")
+    gone = (df.site == "g2") & (df.layer == 14) & df.cell.str.startswith("yoda")
+    cov = report.coverage_compact(df[~gone])
+    add = cov[cov.intervention == "additive"].set_index("sites")["layer:cells"].to_dict()
+    assert add == {"p_last,g1": "L6:12, L10:12, L14:12", "g2": "L6:12, L10:12, L14:9"}
+    clean = cov[cov.intervention == "clean"]
+    assert clean["sites"].tolist() == ["p_last,g1,g2"]
+    assert clean["layer:cells"].tolist() == ["no vector:12"]
+
+
+def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
+    df = sweep_frame("m", OTHER, "short")
+    write_job(tmp_path / "a" / "0", df)
+    write_job(tmp_path / "b" / "0", df)  # the same sweep run twice
+    out = tmp_path / "elsewhere"
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    assert "duplicated row" in capsys.readouterr().out
+    assert len(pd.read_parquet(out / "results.parquet")) == len(df)
+    assert not (tmp_path / "a" / "report").exists()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_no_results_exit_2_lists_searched_paths(tmp_path: Path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    unfinished = tmp_path / "unfinished" / "0"
+    (unfinished / "parts").mkdir(parents=True)
+    ghost = tmp_path / "ghost"
+    assert report.main([str(empty), str(tmp_path / "unfinished"), str(ghost)]) == 2
+    err = capsys.readouterr().err
+    assert "no results found" in err
+    assert str(empty) in err and str(tmp_path / "unfinished") in err
+    assert f"{ghost}  (does not exist)" in err
+    assert "incomplete job (parts/ only)" in err and str(unfinished.resolve()) in err
+    assert not (empty / "report").exists()
+
+
+def test_wrong_schema_is_refused_naming_the_version(tmp_path: Path, capsys):
+    df = sweep_frame("m", OTHER, "short")
+    write_job(tmp_path / "ok" / "0", df)
+    write_job(tmp_path / "new" / "0", df.assign(schema=SCHEMA_VERSION + 1), {"lac_version": "9.9"})
+    assert report.main([str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert f"schema {SCHEMA_VERSION + 1}" in err
+    assert f"reads schema {SCHEMA_VERSION} only" in err
+    assert "lac 9.9" in err and "refused" in err
+    assert not (tmp_path / "report" / "results.parquet").exists()
+
+
+def test_missing_schema_column_is_refused(tmp_path: Path):
+    d = tmp_path / "old"
+    write_job(d, sweep_frame("m", OTHER, "short").drop(columns="schema"))
+    (d / "summary.json").write_text(json.dumps({"config": {}}))
+    with pytest.raises(report.SchemaError, match="no 'schema' column"):
+        report.load_results([d])
+    assert report.main([str(tmp_path)]) == 3
+
+
+def test_summary_schema_mismatch_is_refused(tmp_path: Path):
+    d = write_job(tmp_path / "j", sweep_frame("m", OTHER, "short"), {"schema": 7})
+    with pytest.raises(report.SchemaError, match=r"schema 7.*reads schema 1"):
+        report.load_results([d])
+
+
+def test_report_never_imports_torch_or_transformers():
+    code = (
+        "import sys, lac.report\n"
+        "bad = [m for m in ('torch', 'transformers', 'wandb') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch) -> Path:
+    """W&B confined to tmp_path and unable to reach any server."""
+    wdir = tmp_path / "wandb-dir"
+    wdir.mkdir()
+    for k in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(wdir))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    return wdir
+
+
+def test_wandb_mode_offline_without_credentials(wandb_env: Path, monkeypatch):
+    assert report.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert report.wandb_mode() is None  # respected, left to wandb
+
+
+def test_wandb_group_from_tracker_or_multirun_dir(multirun: Path, tmp_path: Path):
+    jobs = report.find_job_dirs([multirun]).jobs
+    assert report.wandb_group(jobs) == "2026-01-02_03-04-05"
+    d = write_job(
+        tmp_path / "x" / "0",
+        sweep_frame("m", OTHER, "short"),
+        {"config": {"tracker": {"group": "paper-table1", "project": "lac"}}},
+    )
+    assert report.wandb_group([d, *jobs]) == "paper-table1"
+
+
+def test_cli_wandb_offline_writes_a_run(multirun: Path, wandb_env: Path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert report.main([str(multirun), "--wandb"]) == 0
+    runs = list(wandb_env.rglob("*.wandb"))
+    assert len(runs) == 1
+    assert runs[0].stat().st_size > 0
+    stdout = capsys.readouterr().out
+    assert "group '2026-01-02_03-04-05'" in stdout
+    manifest = json.loads((multirun / "report" / "report.json").read_text())
+    assert Path(manifest["written"]["wandb_run_dir"]) == runs[0].parent
+    media = list(runs[0].parent.rglob("*.table.json")) + list(runs[0].parent.rglob("*.png"))
+    assert any(p.suffix == ".png" for p in media) and any(
+        p.name.endswith(".table.json") for p in media
+    )
