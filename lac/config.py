@@ -1,0 +1,164 @@
+"""From a composed Hydra config to a validated experiment spec, before any model loads.
+
+Everything a user can get wrong on the command line is checked here, with an
+error that names the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lac.grid import Grid, grid_from_mapping, load_grid
+from lac.interventions import Intervention, Job, get_intervention
+from lac.models import resolve_device, resolve_dtype
+from lac.sites import SITES, check_sites
+
+MODES = ("kl", "markers")
+
+
+class ConfigError(ValueError):
+    """A config value lac cannot run with."""
+
+
+@dataclass
+class Spec:
+    mode: str
+    grid: Grid
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    interventions: tuple[Intervention, ...]
+    jobs: tuple[Job, ...]
+    geometry_layers: tuple[int, ...]
+    n_layers: int
+    max_new_tokens: int
+    conditions: tuple[str, ...]
+
+
+def n_layers_of(model_cfg: DictConfig) -> int:
+    """Depth from the model config (shipped configs state it; else the HF config, no weights)."""
+    if model_cfg.get("n_layers"):
+        return int(model_cfg.n_layers)
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_cfg.id).num_hidden_layers)
+
+
+def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
+    if isinstance(value, str) and value in ("paper", "long"):
+        value = model_cfg.paper_layers if value == "paper" else model_cfg.long_layers
+    if isinstance(value, (ListConfig, list, tuple)):
+        out = list(value)
+    else:
+        out = [value]
+    if not out:
+        raise ConfigError(f"{what} is an empty list; give at least one layer, e.g. {what}=10")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{what}={value!r}: layers are ints (or 'paper' / 'long'), got {v!r}")
+    return out
+
+
+def _check_range(layers: list[int], n: int, what: str, model: str) -> None:
+    for v in layers:
+        if not 0 <= v < n:
+            raise ConfigError(f"{what}: layer {v} is out of range for {model} ({n} layers): allowed 0..{n - 1}")
+
+
+def load_grid_cfg(cfg: DictConfig) -> Grid:
+    g = cfg.grid
+    if g.get("path") not in (None, "", "???") and not OmegaConf.is_missing(g, "path"):
+        return load_grid(g.path, name=g.get("name") or Path(g.path).stem)
+    if OmegaConf.is_missing(g, "path"):
+        raise ConfigError("grid=custom needs grid.path=/path/to/grid.yaml")
+    data = OmegaConf.to_container(g, resolve=True)
+    return grid_from_mapping(data, name=g.name, where=f"grid {g.name!r}")
+
+
+def build_spec(cfg: DictConfig) -> Spec:
+    """Validate the composed config; raises ConfigError (or GridError) before any heavy work."""
+    mode = cfg.get("mode", "kl")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    m = cfg.model
+    if m.get("source") not in ("hub", "embedded"):
+        raise ConfigError(f"model.source={m.get('source')!r}; allowed: hub, embedded")
+    if m.source == "embedded":
+        from lac.embedded import EMBEDDED
+
+        if m.get("embedded") not in EMBEDDED:
+            raise ConfigError(f"model.embedded={m.get('embedded')!r}; allowed: {', '.join(EMBEDDED)}")
+    resolve_dtype(m.dtype)
+    resolve_device(m.device)
+    n = n_layers_of(m)
+    grid = load_grid_cfg(cfg)
+    sites = check_sites(cfg.site.sites)
+    layers = _layer_list(cfg.layer, m, "layer")
+    _check_range(layers, n, "layer", m.name)
+
+    iv = get_intervention(cfg.intervention.name)
+    iv_layers = cfg.intervention.get("layers")
+    jobs: list[Job] = []
+    for site in sites:
+        if not iv.writes:
+            jobs.append(Job(iv, site, ()))
+        elif iv_layers is not None:
+            ls = _layer_list(iv_layers, m, "intervention.layers")
+            _check_range(ls, n, "intervention.layers", m.name)
+            jobs.append(Job(iv, site, tuple(sorted(set(ls)))))
+        else:
+            jobs.extend(Job(iv, site, (L,)) for L in layers)
+
+    geo = cfg.get("geometry_layers")
+    if geo == "all":
+        geometry = list(range(n))
+    elif geo is None:
+        geometry = layers
+    else:
+        geometry = _layer_list(geo, m, "geometry_layers")
+    _check_range(geometry, n, "geometry_layers", m.name)
+
+    conditions = tuple(cfg.markers.conditions)
+    max_new = int(cfg.markers.max_new_tokens)
+    if mode == "markers":
+        if max_new <= 0:
+            raise ConfigError(f"markers.max_new_tokens must be > 0, got {max_new}")
+        if not grid.markers:
+            raise ConfigError(f"mode=markers needs persona markers, and grid {grid.name!r} has none (use grid=markers or add a markers: section)")
+        missing = [p for p in grid.personas if p not in grid.markers]
+        if missing:
+            raise ConfigError(f"grid {grid.name!r} has no markers for personas {missing}")
+        for c in conditions:
+            if c not in ("clean", "additive", "remove_x", "bare"):
+                raise ConfigError(f"unknown marker condition {c!r}; allowed: clean, additive, remove_x, bare")
+        if len(layers) != 1:
+            raise ConfigError(f"mode=markers patches one layer; got layer={layers}")
+        if sites != ("p_last",):
+            raise ConfigError(f"mode=markers patches p_last (the prompt pass only); got site {sites}")
+    return Spec(
+        mode=mode, grid=grid, sites=sites, layers=tuple(layers), interventions=(iv,),
+        jobs=tuple(jobs), geometry_layers=tuple(sorted(set(geometry))), n_layers=n,
+        max_new_tokens=max_new, conditions=conditions,
+    )
+
+
+# keys that change where or how a job runs, not what it computes
+_NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep", "engine")
+
+
+def job_key(cfg: DictConfig) -> str:
+    """Content key of a job: the resolved config minus launcher/output/tracking settings."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for k in _NOT_CONTENT:
+        data.pop(k, None)
+    data.get("model", {}).pop("device", None)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+__all__ = ["SITES", "ConfigError", "Spec", "build_spec", "job_key", "load_grid_cfg"]
