@@ -28,6 +28,17 @@ from lac.models import LoadedModel
 Patch = tuple[int, int, torch.Tensor]
 
 
+# What the engine ran, for the benchmark and for tests that count work instead of seconds:
+# forwards, token positions fed, and block-token evaluations (positions x blocks run).
+COUNTS = {"forwards": 0, "tokens": 0, "block_tokens": 0}
+
+
+def _count(tokens: int, blocks: int) -> None:
+    COUNTS["forwards"] += 1
+    COUNTS["tokens"] += tokens
+    COUNTS["block_tokens"] += tokens * blocks
+
+
 class StopForward(Exception):
     """Raised inside the stack once the deepest block of interest has its input."""
 
@@ -215,6 +226,7 @@ def run_rows(
     else:
         kwargs["input_ids"] = input_ids.to(device)
     out = None
+    _count(int(mask[:, m:].sum()), depth - start_layer)
     with torch.inference_mode(), _hooks(lm, fns, skip_below=start_layer):
         try:
             if want_logits:
@@ -349,6 +361,7 @@ def greedy(
     with torch.inference_mode(), _hooks(lm, fns):
         cur_ids, cur_pos = ids, pos
         for step in range(n_new):
+            _count(int(mask[:, -cur_ids.shape[1] :].sum()), n_layers)
             out = model(
                 input_ids=cur_ids.to(device),
                 attention_mask=mask.to(device),

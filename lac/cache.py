@@ -1,0 +1,145 @@
+"""Activation cache: clean captures shared by every job of a sweep.
+
+Two levels. In memory, whole CellCaptures (traces and KV included) live for the
+process, so a basic-launcher multirun never recaptures a cell. On disk, under
+`$LAC_CACHE_DIR/activations/<key>/<cell>.safetensors`, the small part (ref,
+site residuals of every role, clean window log-probs) is shared between
+processes (joblib, submitit). The key covers model identity, dtype, attention
+implementation, chat template and grid text. Files are written atomically and
+carry a SHA-256 of their tensors: a corrupt or truncated entry is reported,
+deleted and recomputed, never trusted. No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lac.capture import CellCapture
+from lac.grid import Cell, Grid
+from lac.models import LoadedModel
+from lac.prompts import PromptBook
+
+log = logging.getLogger("lac.cache")
+CAPTURE_VERSION = 1
+_MEMORY: OrderedDict[tuple[str, str], CellCapture] = OrderedDict()
+
+
+def cache_root() -> Path:
+    from lac.embedded import cache_root as root
+
+    return root() / "activations"
+
+
+def capture_key(lm: LoadedModel, grid: Grid) -> str:
+    cfg = lm.model.config
+    ident = {
+        "model_id": lm.model_id,
+        "name_or_path": getattr(cfg, "_name_or_path", ""),
+        "config": {k: v for k, v in sorted(cfg.to_dict().items()) if isinstance(v, (int, float, str, bool))},
+        "dtype": str(lm.dtype),
+        "attn": getattr(cfg, "_attn_implementation", None),
+        "template": hashlib.sha256(str(getattr(lm.tokenizer, "chat_template", "")).encode()).hexdigest(),
+        "grid": grid.content_hash(),
+        "version": CAPTURE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class ActivationCache:
+    def __init__(self, lm: LoadedModel, grid: Grid, *, disk: bool = True, memory_cells: int = 256):
+        self.key = capture_key(lm, grid)
+        self.dir = cache_root() / self.key if disk else None
+        self.memory_cells = memory_cells
+        self.hits = {"memory": 0, "disk": 0, "miss": 0}
+
+    def _path(self, cell: Cell) -> Path:
+        return self.dir / f"{cell.key}.safetensors"
+
+    def get(self, cells: list[Cell], book: PromptBook) -> dict[str, CellCapture]:
+        found = {}
+        for c in cells:
+            cap = _MEMORY.get((self.key, c.key))
+            if cap is not None:
+                _MEMORY.move_to_end((self.key, c.key))
+                self.hits["memory"] += 1
+            elif self.dir is not None and self._path(c).is_file():
+                cap = self._load(c, book)
+                self.hits["disk" if cap else "miss"] += 1
+            else:
+                self.hits["miss"] += 1
+            if cap is not None:
+                found[c.key] = cap
+        return found
+
+    def put(self, caps: list[CellCapture], changed: set[str]) -> None:
+        for cap in caps:
+            _MEMORY[(self.key, cap.cell.key)] = cap
+            _MEMORY.move_to_end((self.key, cap.cell.key))
+            if self.dir is not None and cap.cell.key in changed:
+                self._save(cap)
+        while len(_MEMORY) > self.memory_cells:
+            _MEMORY.popitem(last=False)
+
+    def _save(self, cap: CellCapture) -> None:
+        tensors = {"ref": torch.tensor(cap.ref, dtype=torch.int64)}
+        meta = {}
+        for role, h in cap.site_h.items():
+            tensors[f"site_h.{role}"] = h.contiguous()
+        for role, lp in cap.logp.items():
+            first = min(lp)
+            tensors[f"logp.{role}"] = torch.stack([lp[first + j] for j in range(len(lp))]).contiguous()
+            meta[f"logp_first.{role}"] = str(first)
+        meta["sha256"] = _digest(tensors)
+        meta["cell"] = cap.cell.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{cap.cell.key}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, self._path(cap.cell))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _load(self, cell: Cell, book: PromptBook) -> CellCapture | None:
+        path = self._path(cell)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            if meta.get("cell") != cell.key or meta.get("sha256") != _digest(tensors):
+                raise ValueError("checksum or cell name does not match")
+        except Exception as e:
+            log.warning("activation cache entry %s is corrupt (%s): deleting it and recomputing", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        cap = CellCapture(cell, tensors["ref"].tolist(), {})
+        for name, t in tensors.items():
+            kind, _, role = name.partition(".")
+            if kind == "site_h":
+                cap.site_h[role] = t
+            elif kind == "logp":
+                first = int(meta[f"logp_first.{role}"])
+                cap.logp[role] = {first + j: t[j] for j in range(t.shape[0])}
+        for role in cap.site_h:
+            cap.prompts[role] = book.get(cell, role)
+        return cap

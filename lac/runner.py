@@ -1,0 +1,243 @@
+"""The job: validate, resume, run patched inference through Lightning's predict loop, record.
+
+`Trainer.predict` drives batches of cells through `PatchingModule.predict_step`
+(captures, decomposition, KL or generations for those cells); `PartWriter`
+persists each batch's rows as it finishes, so a killed job resumes at cell
+granularity. Models and clean captures stay in memory across the jobs of a
+basic-launcher multirun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import lac
+from lac.cache import ActivationCache
+from lac.capture import CellCapture, capture_cells
+from lac.config import Spec, build_spec, job_key
+from lac.engine import greedy
+from lac.grid import Cell
+from lac.interventions import additive_vector, kl_records, roles_needed
+from lac.markers import score
+from lac.metrics import geometry
+from lac.models import LoadedModel, load_model
+from lac.prompts import PromptBook
+from lac.results import JobStore, atomic_write_bytes, format_table, frame, summarize
+from lac.schema import DECOMPOSITION, SCHEMA_VERSION
+
+log = logging.getLogger("lac")
+_MODEL: dict[str, LoadedModel] = {}  # one model kept across the jobs of a process
+
+
+def get_model(mcfg: DictConfig) -> LoadedModel:
+    key = json.dumps(OmegaConf.to_container(mcfg, resolve=True), sort_keys=True)
+    if key not in _MODEL:
+        _MODEL.clear()
+        t0 = time.time()
+        _MODEL[key] = load_model(mcfg)
+        log.info("loaded %s (%s, %s) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype, time.time() - t0)
+    return _MODEL[key]
+
+
+def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric: str, value: float, ctx: dict) -> dict:
+    return {
+        **ctx, "cell": cell.key, "persona": cell.persona, "task": cell.task, "site": site,
+        "layer": max(layers) if layers else -1, "layers": ",".join(map(str, layers)),
+        "intervention": intervention, "metric": metric, "value": float(value),
+    }
+
+
+def _changed(cap: CellCapture) -> tuple:
+    return (tuple(cap.ref), tuple((r, h.shape[1]) for r, h in sorted(cap.site_h.items())), tuple(sorted(cap.logp)))
+
+
+def compute_cells(
+    lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook,
+    cache: ActivationCache | None, max_rows: int, batch_cells: int, ctx: dict,
+) -> tuple[list[dict], list[dict]]:
+    """Rows (and generation records) of one batch of cells: the work of one predict step."""
+    if spec.mode == "markers":
+        interventions = []
+        depth = spec.layers[0] + 1
+    else:
+        interventions = list(spec.interventions)
+        depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
+    roles, hosts, trace_hosts = roles_needed(interventions)
+    known = cache.get(list(cells), book) if cache else {}
+    before = {k: _changed(c) for k, c in known.items()}
+    caps = capture_cells(
+        lm, book, cells, roles=roles, hosts=hosts, trace_hosts=trace_hosts,
+        depth=depth, batch_size=batch_cells, known=known,
+    )
+    if cache:
+        cache.put(caps, {c.cell.key for c in caps if before.get(c.cell.key) != _changed(c)})
+
+    rows: list[dict] = []
+    if spec.mode == "markers":
+        gens = _markers(lm, spec, caps, book, ctx, rows, batch_cells)
+        return rows, gens
+    for cap in caps:
+        for site in spec.sites:
+            for L in spec.geometry_layers:
+                g = geometry(*(cap.h(r, site, L) for r in ("BB", "XB", "BY", "XY")))
+                rows += [_row(cap.cell, site, [L], DECOMPOSITION, m, v, ctx) for m, v in g.items()]
+    for cap, job, kl in kl_records(lm, caps, spec.jobs, max_rows=max_rows):
+        if kl != kl or kl in (float("inf"), float("-inf")):
+            raise FloatingPointError(
+                f"non-finite KL for {lm.name} ({lm.dtype}) cell {cap.cell.key}, site {job.site}, layers {job.layers}"
+            )
+        rows.append(_row(cap.cell, job.site, job.layers, job.intervention.name, "kl", kl, ctx))
+    return rows, []
+
+
+def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
+    """Greedy generations under each condition, the vector written in the prompt pass only."""
+    L = spec.layers[0]
+    items = []
+    for cap in caps:
+        xy = cap.prompts["XY"]
+        for cond in spec.conditions:
+            if cond == "bare":
+                items.append((cap, cond, book.get(cap.cell, "bare").ids, []))
+                continue
+            vec = None
+            if cond == "additive":
+                vec = additive_vector(cap, "p_last", L)
+            elif cond == "remove_x":
+                vec = cap.h("XY", "p_last", L) - (cap.h("XB", "p_last", L) - cap.h("BB", "p_last", L))
+            items.append((cap, cond, xy.ids, [] if vec is None else [(L, len(xy.ids) - 1, vec)]))
+    gens = []
+    eos = lm.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    chunk = max(batch_cells * len(spec.conditions), 1)
+    for i in range(0, len(items), chunk):
+        part = items[i : i + chunk]
+        toks, _ = greedy(lm, [p for _, _, p, _ in part], spec.max_new_tokens, patches=[pt for *_, pt in part])
+        for (cap, cond, _, patch), tk in zip(part, toks, strict=True):
+            cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
+            text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
+            s = score(text, spec.grid.markers[cap.cell.persona])
+            layers = [L] if patch else []
+            rows.append(_row(cap.cell, "p_last", layers, cond, "marker_any", s["marker_any"], ctx))
+            rows.append(_row(cap.cell, "p_last", layers, cond, "marker_distinct", s["marker_distinct"], ctx))
+            gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
+                         "condition": cond, "layer": L if patch else -1, "tokens": tk, "text": text, **s})
+    return gens
+
+
+def _lightning_module(lm, spec, book, cache, engine_cfg, ctx):
+    import lightning as L
+
+    class PatchingModule(L.LightningModule):
+        """Holds the HF model; one predict step = all the work of one batch of cells."""
+
+        def __init__(self):
+            super().__init__()
+            self.model = lm.model
+
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):
+            return batch  # cells are names, not tensors; the engine places its own tensors
+
+        def predict_step(self, batch, batch_idx):
+            rows, gens = compute_cells(
+                lm, spec, batch, book=book, cache=cache, max_rows=engine_cfg.max_rows,
+                batch_cells=engine_cfg.batch_cells, ctx=ctx,
+            )
+            return {"cells": [c.key for c in batch], "rows": rows, "generations": gens}
+
+    return PatchingModule()
+
+
+def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cfg: DictConfig, ctx: dict) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import BasePredictionWriter
+    from torch.utils.data import DataLoader
+
+    class PartWriter(BasePredictionWriter):
+        """Persists each batch's rows the moment it is done: the unit of resume."""
+
+        def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+            name = f"{time.time_ns()}-{batch_idx:05d}"
+            store.write_part(name, frame(prediction["rows"]), prediction["cells"], prediction["generations"])
+            log.info("cells done: %s", ", ".join(prediction["cells"]))
+
+    book = PromptBook(lm.tokenizer, spec.grid)
+    cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
+    module = _lightning_module(lm, spec, book, cache, cfg.engine, ctx)
+    loader = DataLoader(cells, batch_size=int(cfg.engine.batch_cells), shuffle=False, collate_fn=list)
+    accel = {"cuda": "gpu", "mps": "mps"}.get(lm.device.type, "cpu")
+    trainer = L.Trainer(
+        accelerator=accel, devices=1, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=False, callbacks=[PartWriter("batch")],
+    )
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    log.info("activation cache %s: %s", cache.key, cache.hits)
+
+
+def _copy_into(job_dir: Path, store: JobStore) -> None:
+    for name in ("results.parquet", "summary.json", "generations.jsonl"):
+        src = store.dir / name
+        if src.is_file():
+            atomic_write_bytes(job_dir / name, src.read_bytes())
+
+
+def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
+    """One job end to end; returns its summary. Re-running a finished job loads no model."""
+    from lac.tracking import check_tracker, run_id_for, start_tracker
+
+    spec = build_spec(cfg)  # every user error surfaces here, before any model loads
+    check_tracker(cfg.tracker)
+    key = job_key(cfg)
+    job_dir = Path(job_dir or ".")
+    store = JobStore(Path(cfg.results_root), key)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    t0 = time.time()
+    with store.lock():
+        if store.done:
+            log.info("job %s already finished in %s: reusing its results", key, store.dir)
+            _copy_into(job_dir, store)
+            summary = json.loads((store.dir / "summary.json").read_text())
+            print(format_table(summary["summary"]))
+            return summary
+        store.claim(config)
+        _, _, done_cells = store.read_parts()
+        cells = [c for c in spec.grid.cells() if c.key not in done_cells]
+        if done_cells:
+            log.info("resuming job %s: %d cells done, %d to go", key, len(done_cells), len(cells))
+        ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
+        if cells:
+            lm = get_model(cfg.model)
+            if lm.n_layers != spec.n_layers:
+                raise ValueError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
+            torch.manual_seed(0)
+            _predict(lm, spec, cells, store, cfg, ctx)
+        df, gens, got = store.read_parts()
+        missing = {c.key for c in spec.grid.cells()} - got
+        if missing:
+            raise RuntimeError(f"job {key} is missing cells after the run: {sorted(missing)}")
+        df = df.sort_values(["metric", "intervention", "site", "layer", "layers", "cell"], kind="stable").reset_index(drop=True)
+        summary = {
+            "lac_version": lac.__version__, "schema": SCHEMA_VERSION, "key": key,
+            "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
+        }
+        store.finish(df, summary, gens)
+    _copy_into(job_dir, store)
+    tracker = start_tracker(cfg.tracker, run_id=run_id_for(key, cfg.tracker), config=config,
+                            run_dir=job_dir, name=f"{cfg.model.name}-{spec.grid.name}-{key[:8]}")
+    try:
+        tracker.log_results(df, summary["summary"])
+        if gens:
+            tracker.log_generations(gens)
+    finally:
+        tracker.finish()
+    print(format_table(summary["summary"]))
+    log.info("results: %s (job store %s)", job_dir.resolve(), store.dir)
+    return summary
