@@ -1,0 +1,320 @@
+"""lac.tracking: offline W&B runs read back from their .wandb files; config checks; no-wandb path.
+
+Every test runs with WANDB_MODE=offline, all W&B folders inside tmp_path, no API
+key, HOME in tmp_path and WANDB_BASE_URL pointing at a closed local port: nothing
+can reach a W&B server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from wandb_reader import find_runs, read_run
+
+from lac import tracking
+from lac.results import frame, summarize, summary_keys
+from lac.schema import GEOMETRY_METRICS
+from lac.tracking import (
+    NoTracker,
+    TrackerError,
+    check_tracker,
+    layer_free_keys,
+    resolve_mode,
+    run_id_for,
+    start_tracker,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CELLS = [("yoda", "haiku"), ("marx", "policy"), ("buffett", "recommend")]
+
+
+@pytest.fixture(autouse=True)
+def offline_env(tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_ENTITY",
+                "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME", "WANDB_DISABLED"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
+    (tmp_path / "home").mkdir()
+
+
+def tcfg(**kw):
+    base = {"name": "wandb", "project": "lac-test", "entity": None, "group": "test-sweep",
+            "job_type": "kl", "tags": ["unit"], "mode": None}
+    return OmegaConf.create({**base, **kw})
+
+
+def job_config(layer=(6, 10), site="p_last"):
+    """A resolved job config shaped like conf/config.yaml's."""
+    return {
+        "model": {"name": "qwen0.5", "id": "embedded/Qwen2.5-Coder-0.5B-Instruct-gguf-1d9614638d18",
+                  "n_layers": 24, "paper_layers": [6, 10, 13, 17, 20], "long_layers": [6, 13, 17]},
+        "grid": {"name": "short", "path": None,
+                 "personas": {"yoda": "Yoda", "marx": "Karl Marx", "buffett": "Warren Buffett"}},
+        "site": {"name": site, "sites": [site]},
+        "intervention": {"name": "additive", "layers": None},
+        "tracker": dict(tcfg()),
+        "mode": "kl",
+        "layer": list(layer) if len(layer) > 1 else layer[0],
+        "geometry_layers": None,
+        "sweep": "test-sweep",
+    }
+
+
+def results_df(layers=(6, 10), seed=0):
+    """kl rows for 3 cells x len(layers) layers (additive, p_last), plus geometry rows."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for persona, task in CELLS:
+        base = dict(model="qwen0.5", model_id="embedded/q", grid="short", cell=f"{persona}__{task}",
+                    persona=persona, task=task, site="p_last")
+        for layer in layers:
+            rows.append({**base, "layer": layer, "layers": str(layer), "intervention": "additive",
+                         "metric": "kl", "value": float(rng.gamma(2.0, 0.1))})
+            for metric in GEOMETRY_METRICS:
+                rows.append({**base, "layer": layer, "layers": str(layer), "intervention": "decomposition",
+                             "metric": metric, "value": float(rng.uniform(-1, 1))})
+    return frame(rows)
+
+
+def native_rows(df):
+    return [[v.item() if hasattr(v, "item") else v for v in row]
+            for row in df.itertuples(index=False, name=None)]
+
+
+# --------------------------------------------------------------------------- end to end, offline
+
+
+def test_offline_run_holds_config_summary_and_results_table(tmp_path):
+    df = results_df()
+    summary = summarize(df)
+    t0 = time.monotonic()
+    tr = start_tracker(tcfg(), run_id=run_id_for("0123456789abcdef", tcfg()), config=job_config(),
+                       run_dir=tmp_path / "job", name="qwen0.5-p_last-L6,10")
+    tr.log_results(df, summary)
+    tr.finish()
+    tr.finish()  # idempotent
+    elapsed = time.monotonic() - t0
+    assert elapsed < 60, f"offline init+log+finish took {elapsed:.1f}s"
+
+    assert tr.mode == "offline"
+    (sync_dir,) = find_runs(tmp_path / "job")
+    assert Path(tr.url_or_dir) == sync_dir
+    run = read_run(sync_dir)
+
+    assert run.run["id"] == run_id_for("0123456789abcdef", tcfg())
+    assert run.run["project"] == "lac-test" and run.run["group"] == "test-sweep"
+    assert run.run["job_type"] == "kl" and run.run["tags"] == ["unit"]
+    assert run.exit_code == 0
+
+    cfg = run.config
+    assert cfg["model"] == "qwen0.5"
+    assert cfg["model_id"] == "embedded/Qwen2.5-Coder-0.5B-Instruct-gguf-1d9614638d18"
+    assert cfg["grid"] == "short"
+    assert cfg["site"] == "p_last" and cfg["sites"] == "p_last"
+    assert cfg["layer"] == [6, 10] and cfg["layers"] == "6,10"
+    assert cfg["intervention"] == "additive"
+    assert cfg["model/paper_layers"] == [6, 10, 13, 17, 20]
+    assert cfg["grid/personas/yoda"] == "Yoda"
+    assert cfg["tracker/group"] == "test-sweep"
+
+    kl6 = df[(df.metric == "kl") & (df.layer == 6) & (df.site == "p_last") & (df.intervention == "additive")]
+    assert len(kl6) == 3
+    assert run.summary["kl/p_last/L6/additive/median"] == np.median(kl6.value.to_numpy())
+    kl10 = df[(df.metric == "kl") & (df.layer == 10)]
+    assert run.summary["kl/p_last/L10/additive/p75"] == np.percentile(kl10.value.to_numpy(), 75)
+    for k, v in summary_keys(summary).items():
+        assert run.summary[k] == v, k
+    assert "kl/p_last/additive/median" not in run.summary  # two layers: no layer-free key
+
+    table = run.tables["results"]
+    assert table["columns"] == list(df.columns)
+    assert table["data"] == native_rows(df)
+
+
+def test_single_layer_job_gets_layer_free_keys(tmp_path):
+    df = results_df(layers=(6,), seed=3)
+    tr = start_tracker(tcfg(), run_id=run_id_for("aaaa", tcfg()), config=job_config(layer=(6,)),
+                       run_dir=tmp_path / "job", name="one-layer")
+    tr.log_results(df, summarize(df))
+    tr.finish()
+    run = read_run(find_runs(tmp_path / "job")[0])
+    assert run.config["layer"] == 6 and run.config["layers"] == "6"
+    kl = df[df.metric == "kl"].value.to_numpy()
+    assert run.summary["kl/p_last/additive/median"] == np.median(kl)
+    assert run.summary["kl/p_last/additive/median"] == run.summary["kl/p_last/L6/additive/median"]
+    cos = df[df.metric == "cos_xy_sum"].value.to_numpy()
+    assert run.summary["cos_xy_sum/p_last/median"] == np.median(cos)
+
+
+def test_two_runs_in_one_process_get_their_own_dirs_and_ids(tmp_path):
+    dirs, ids = [], []
+    for i, key in enumerate(("1111111111111111", "2222222222222222")):
+        df = results_df(seed=i)
+        rid = run_id_for(key, tcfg())
+        tr = start_tracker(tcfg(), run_id=rid, config=job_config(), run_dir=tmp_path / f"job{i}",
+                           name=f"job{i}")
+        tr.log_results(df, summarize(df))
+        tr.finish()
+        (sync_dir,) = find_runs(tmp_path / f"job{i}")
+        run = read_run(sync_dir)
+        assert run.run["id"] == rid and run.exit_code == 0
+        kl6 = df[(df.metric == "kl") & (df.layer == 6)].value.to_numpy()
+        assert run.summary["kl/p_last/L6/additive/median"] == np.median(kl6)
+        dirs.append(sync_dir)
+        ids.append(rid)
+    assert dirs[0] != dirs[1] and ids[0] != ids[1]
+    assert read_run(dirs[0]).tables["results"]["data"] == native_rows(results_df(seed=0))
+    assert read_run(dirs[1]).tables["results"]["data"] == native_rows(results_df(seed=1))
+
+
+def test_large_results_table_is_not_cut_at_10000_rows(tmp_path):
+    rows = [dict(model="m", model_id="m", grid="g", cell=f"p{i}__t", persona=f"p{i}", task="t",
+                 site="g1", layer=3, layers="3", intervention="additive", metric="kl", value=i / 7)
+            for i in range(12_000)]
+    df = frame(rows)
+    tr = start_tracker(tcfg(), run_id="lac-large", config=job_config(), run_dir=tmp_path, name="large")
+    tr.log_results(df, summarize(df))
+    tr.finish()
+    table = read_run(find_runs(tmp_path)[0]).tables["results"]
+    assert len(table["data"]) == 12_000
+    assert table["data"][-1] == native_rows(df.tail(1))[0]
+
+
+def test_generations_table(tmp_path):
+    records = [
+        {"cell": "yoda__haiku", "persona": "yoda", "task": "haiku", "condition": "additive",
+         "text": "Monday, hmm.", "marker_any": 1.0, "marker_distinct": 2.0, "hits": ["hmm", "young one"]},
+        {"cell": "marx__policy", "persona": "marx", "task": "policy", "condition": "bare",
+         "text": "UBI is ...", "marker_any": 0.0, "marker_distinct": 0.0, "hits": []},
+    ]
+    tr = start_tracker(tcfg(job_type="markers"), run_id="lac-gen", config=job_config(layer=(14,)),
+                       run_dir=tmp_path, name="gen")
+    tr.log_generations(records)
+    tr.finish()
+    table = read_run(find_runs(tmp_path)[0]).tables["generations"]
+    assert table["columns"] == ["cell", "persona", "task", "condition", "text",
+                                "marker_any", "marker_distinct", "hits"]
+    assert table["data"] == [
+        ["yoda__haiku", "yoda", "haiku", "additive", "Monday, hmm.", 1.0, 2.0, "hmm, young one"],
+        ["marx__policy", "marx", "policy", "bare", "UBI is ...", 0.0, 0.0, ""],
+    ]
+
+
+# --------------------------------------------------------------------------- ids, keys, config
+
+
+def test_run_id_is_deterministic_per_key_and_group():
+    a = run_id_for("0123456789abcdef", tcfg())
+    assert a == run_id_for("0123456789abcdef", tcfg())
+    assert a.startswith("lac-0123456789abcdef")
+    assert a != run_id_for("fedcba9876543210", tcfg())
+    assert a != run_id_for("0123456789abcdef", tcfg(group="another-sweep"))
+    odd = run_id_for("not/a valid:id", tcfg())
+    assert odd == run_id_for("not/a valid:id", tcfg())
+    assert all(c.isalnum() or c in "-_" for c in odd)
+
+
+def test_layer_free_keys_only_for_one_layer():
+    assert layer_free_keys(summarize(results_df(layers=(6, 10)))) == {}
+    one = layer_free_keys(summarize(results_df(layers=(10,))))
+    assert set(one) >= {"kl/p_last/additive/median", "kl/p_last/additive/p25", "cos_x_y/p_last/median"}
+
+
+def test_group_keys_resolve_named_and_multi_layer_sets():
+    cfg = job_config()
+    cfg["layer"] = "paper"
+    assert tracking.group_keys(cfg)["layer"] == [6, 10, 13, 17, 20]
+    cfg["intervention"]["layers"] = [14, 10, 12]
+    keys = tracking.group_keys(cfg)
+    assert keys["layer"] == 14 and keys["layers"] == "10,12,14"
+    flat = tracking.run_config(cfg)
+    assert flat["layer_requested"] == "paper" and flat["layer"] == 14
+
+
+# --------------------------------------------------------------------------- check_tracker / mode
+
+
+def test_unknown_tracker_name_is_refused_with_the_allowed_ones():
+    with pytest.raises(TrackerError) as e:
+        check_tracker(tcfg(name="mlflow"))
+    assert "mlflow" in str(e.value) and "wandb" in str(e.value) and "none" in str(e.value)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(TrackerError, match="tracker.mode='cloud'"):
+        check_tracker(tcfg(mode="cloud"))
+    check_tracker(tcfg(mode="offline"))
+    check_tracker(tcfg(mode="disabled"))
+
+
+def test_online_without_api_key_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    t0 = time.monotonic()
+    with pytest.raises(TrackerError) as e:
+        check_tracker(tcfg(mode="online"))
+    with pytest.raises(TrackerError):  # start_tracker checks first: no wandb.init, no network
+        start_tracker(tcfg(mode="online"), run_id="lac-x", config={}, run_dir=tmp_path, name="x")
+    assert time.monotonic() - t0 < 2.0
+    msg = str(e.value)
+    assert "WANDB_API_KEY" in msg and "tracker.mode=offline" in msg
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_online_with_netrc_entry_passes_check(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    rc = tmp_path / "home" / ".netrc"
+    rc.write_text("machine 127.0.0.1:9\n  login user\n  password " + "k" * 40 + "\n")
+    rc.chmod(0o600)
+    check_tracker(tcfg(mode="online"))
+    assert resolve_mode(tcfg()) == "online"  # mode null, no WANDB_MODE, a key: online
+    rc.unlink()
+    assert resolve_mode(tcfg()) == "offline"  # ... without a key: offline
+
+
+def test_resolve_mode_precedence(monkeypatch):
+    assert resolve_mode(tcfg(mode="disabled")) == "disabled"  # tracker.mode beats WANDB_MODE
+    assert resolve_mode(tcfg()) == "offline"  # WANDB_MODE=offline (fixture)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_mode(tcfg()) == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    assert resolve_mode(tcfg()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert resolve_mode(tcfg()) == "offline"
+
+
+# --------------------------------------------------------------------------- tracker=none
+
+
+def test_none_tracker_does_nothing_and_never_imports_wandb(tmp_path):
+    tr = start_tracker(tcfg(name="none"), run_id="x", config={}, run_dir=tmp_path / "job", name="x")
+    assert isinstance(tr, NoTracker)
+    tr.log_results(results_df(), {})
+    tr.log_generations([])
+    tr.finish()
+    assert not (tmp_path / "job").exists()
+
+    code = (
+        "import sys, lac.tracking as t\n"
+        "print('wandb' in sys.modules)\n"
+        "tr = t.start_tracker({'name': 'none'}, run_id='x', config={}, run_dir='unused', name='x')\n"
+        "tr.log_results(None, {}); tr.finish()\n"
+        "print(type(tr).__name__, 'wandb' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "NoTracker", "False"]
