@@ -34,6 +34,9 @@ _MEMORY: OrderedDict[tuple[str, str], CellCapture] = OrderedDict()
 
 
 def cache_root() -> Path:
+    """$LAC_ACTIVATIONS_DIR, else activations/ beside the embedded models ($LAC_CACHE_DIR)."""
+    if os.environ.get("LAC_ACTIVATIONS_DIR"):
+        return Path(os.environ["LAC_ACTIVATIONS_DIR"]).expanduser()
     from lac.embedded import cache_root as root
 
     return root() / "activations"

@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lac.grid import Grid, grid_from_mapping, load_grid
-from lac.interventions import Intervention, Job, get_intervention
+from lac.interventions import INTERVENTIONS, Intervention, Job, get_intervention
 from lac.models import resolve_device, resolve_dtype
 from lac.sites import SITES, check_sites
 
@@ -50,8 +50,14 @@ def n_layers_of(model_cfg: DictConfig) -> int:
 
 
 def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
-    if isinstance(value, str) and value in ("paper", "long"):
-        value = model_cfg.paper_layers if value == "paper" else model_cfg.long_layers
+    """An int, a list, or a name: paper / long (the model's grids) or a model.layer_sets key."""
+    if isinstance(value, str):
+        named = {"paper": model_cfg.get("paper_layers"), "long": model_cfg.get("long_layers"),
+                 **dict(model_cfg.get("layer_sets") or {})}
+        if named.get(value) is None:
+            raise ConfigError(f"{what}={value!r}: not a layer list; allowed names for {model_cfg.name}: "
+                              f"{', '.join(k for k, v in named.items() if v is not None)}, or ints")
+        value = named[value]
     if isinstance(value, (ListConfig, list, tuple)):
         out = list(value)
     else:
@@ -148,7 +154,7 @@ def build_spec(cfg: DictConfig) -> Spec:
 
 
 # keys that change where or how a job runs, not what it computes
-_NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep", "engine")
+_NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep_name", "engine")
 
 
 def job_key(cfg: DictConfig) -> str:
@@ -157,6 +163,9 @@ def job_key(cfg: DictConfig) -> str:
     for k in _NOT_CONTENT:
         data.pop(k, None)
     data.get("model", {}).pop("device", None)
+    iv = data.get("intervention", {})
+    if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
+        iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -65,7 +65,7 @@ Dashboard recipe
 KL against layer, one line per model (a sweep of single-layer jobs, e.g.
 ``python -m lac.run -m model=qwen0.5,smollm2 layer=6,10,13,17,20``):
 
-1. Project page -> filter runs: ``group`` = the sweep name (``sweep=...``), and
+1. Project page -> filter runs: ``group`` = the sweep name (``sweep_name=...``), and
    ``config.mode`` = kl; optionally ``config.intervention`` = additive.
 2. Add panel -> **Scatter plot** (or a *Parallel coordinates* / *Run comparer*
    for a quick look): x = ``layer`` (config), y = ``kl/p_last/additive/median``

@@ -1,0 +1,152 @@
+"""The engine against plain HF forwards, on tiny random Gemma-2 (sliding window, softcaps), Qwen2, Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lac.engine import COUNTS, Row, check_finite, greedy, run_rows
+from tests.tiny import tiny_model
+
+ARCHS = ["gemma2", "qwen2", "llama"]
+
+
+def _seqs(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (k,), generator=g).tolist() for k in lengths]
+
+
+def _plain(lm, ids, patches=()):
+    """One unpadded forward; patches = [(layer, position, vector)] written by pre-hooks."""
+    handles = []
+    for layer, pos, vec in patches:
+        def hook(module, args, kwargs, pos=pos, vec=vec):
+            h = args[0].clone()
+            h[0, pos] = vec
+            return (h, *args[1:]), kwargs
+        handles.append(lm.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hidden_states_L_is_block_L_input(arch):
+    lm = tiny_model(arch)
+    ids = _seqs([11])[0]
+    seen = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, a[0].clone()), with_kwargs=True)
+        for i, layer in enumerate(lm.layers)
+    ]
+    with torch.no_grad():
+        out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+    for h in handles:
+        h.remove()
+    assert len(out.hidden_states) == lm.n_layers + 1
+    for L in range(lm.n_layers):
+        assert torch.equal(out.hidden_states[L], seen[L]), f"hidden_states[{L}] != input of block {L}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_padded_capture_equals_single_prompt(arch):
+    lm = tiny_model(arch)
+    seqs = _seqs([13, 7, 10])  # longer than the tiny Gemma-2 sliding window (6)
+    traces = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True, logp_cols=[12])
+    for s, t in zip(seqs, traces, strict=True):
+        out = _plain(lm, s)
+        ref = torch.stack(out.hidden_states[: lm.n_layers])[:, 0]
+        assert t.first == 0 and t.ids == s
+        torch.testing.assert_close(t.hidden, ref, atol=1e-5, rtol=1e-5)
+        lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+        torch.testing.assert_close(t.logp[len(s) - 1], lp, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("start_layer", [0, 2])
+def test_prefix_reuse_with_patches_equals_plain(arch, start_layer):
+    """Rows continue differently long clean prefixes, each with its own multi-layer patches."""
+    lm = tiny_model(arch)
+    seqs = _seqs([15, 11, 19])
+    clean = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True)
+    g = torch.Generator().manual_seed(3)
+    rows, plain_patches = [], []
+    for i, (s, t) in enumerate(zip(seqs, clean, strict=True)):
+        q = len(s) - 6 - i  # a different site position per row
+        layers = [2] if i == 0 else [2, 3]
+        vecs = [torch.randn(64, generator=g) for _ in layers]
+        rows.append(Row(s[q : q + 5], prefix=t, start=q, patches=[(L, 0, v) for L, v in zip(layers, vecs, strict=True)]))
+        plain_patches.append([(L, q, v) for L, v in zip(layers, vecs, strict=True)])
+    out = run_rows(lm, rows, start_layer=start_layer, logp_cols=list(range(5)))
+    for s, r, t, pp in zip(seqs, rows, out, plain_patches, strict=True):
+        logits = _plain(lm, s[: r.start + 5], pp).logits[0].float()
+        for j in range(5):
+            lp = torch.log_softmax(logits[r.start + j], -1)
+            torch.testing.assert_close(t.logp[r.start + j], lp, atol=1e-5, rtol=1e-5)
+
+
+def test_start_layer_skips_lower_blocks():
+    lm = tiny_model("qwen2")
+    s = _seqs([12])[0]
+    clean = run_rows(lm, [Row(s)], capture=True, keep_kv=True)
+    before = dict(COUNTS)
+    run_rows(lm, [Row(s[8:], prefix=clean[0], start=8)], start_layer=3, logp_cols=[0])
+    assert COUNTS["block_tokens"] - before["block_tokens"] == 4 * (lm.n_layers - 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_generate_patched_and_unpatched(arch):
+    lm = tiny_model(arch, seed=5)
+    seqs = _seqs([9, 14, 6], seed=7)
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3
+    patches = [[], [(1, 13, vec)], [(2, 5, vec)]]  # at each prompt's last token, prompt pass only
+    toks, _ = greedy(lm, seqs, 6, patches=patches)
+    for s, p, tk in zip(seqs, patches, toks, strict=True):
+        handles = []
+        for layer, pos, v in p:
+            def hook(m, args, kwargs, pos=pos, v=v):
+                if args[0].shape[1] == 1:  # decode steps run unpatched
+                    return None
+                h = args[0].clone()
+                h[0, pos] = v
+                return (h, *args[1:]), kwargs
+            handles.append(lm.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+        with torch.no_grad():
+            gen = lm.model.generate(torch.tensor([s]), max_new_tokens=6, do_sample=False, num_beams=1)[0, len(s):].tolist()
+        for h in handles:
+            h.remove()
+        n = len(gen)  # generate stops at EOS; greedy pads after it
+        assert tk[:n] == gen
+        assert all(t == lm.tokenizer.pad_token_id for t in tk[n:])
+
+
+def test_patch_touches_prompt_pass_only():
+    """A patch at the last prompt token changes generation, and decode steps see no write."""
+    lm = tiny_model("llama", seed=3)
+    s = _seqs([8], seed=4)[0]
+    vec = torch.randn(64, generator=torch.Generator().manual_seed(9)) * 10
+    writes = []
+    lm.layers[1].register_forward_pre_hook(lambda m, a, k: writes.append(a[0].shape[1]), with_kwargs=True)
+    base, _ = greedy(lm, [s], 5)
+    writes.clear()
+    patched, traces = greedy(lm, [s], 5, patches=[[(1, 7, vec)]], capture_from=[0])
+    assert writes == [8, 1, 1, 1, 1]  # one prompt pass, then single-token steps
+    assert base != patched
+    # the prompt pass wrote the vector; the captured block-1 input at position 7 is it
+    torch.testing.assert_close(traces[0].h(1, 7), vec)
+    # decode positions were not overwritten
+    assert not torch.allclose(traces[0].h(1, 8), vec)
+
+
+def test_non_finite_is_reported_with_model_and_dtype():
+    lm = tiny_model("qwen2")
+    with torch.no_grad():
+        lm.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"tiny-qwen2.*float32"):
+        run_rows(lm, [Row(_seqs([6])[0])], capture=True)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        check_finite(torch.tensor([1.0, float("inf")]), lm, "logits")
