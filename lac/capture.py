@@ -149,7 +149,9 @@ def capture_cells(
         )
         for c, t, tr in zip(chunk, toks, traces, strict=True):
             c.ref = t
-            c._keep("XY", tr, host=True, keep_trace="XY" in trace_hosts)
+            # patched rows continue a teacher-forced XY trace (below), never the decode's own
+            # KV, so results do not depend on whether a cell came from the cache
+            c._keep("XY", tr, host=True, keep_trace=False)
 
     for role in roles:
         host = role in hosts
