@@ -1,0 +1,72 @@
+"""The activation cache: later jobs read clean captures instead of recomputing; bad entries are never trusted."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from lac import cache as cache_mod
+from lac.cache import ActivationCache
+from lac.config import build_spec
+from lac.engine import COUNTS
+from lac.prompts import PromptBook
+from lac.runner import compute_cells
+from tests.conftest import compose
+
+CTX = {"model": "qwen0.5", "model_id": "embedded", "grid": "short"}
+
+
+def _job(qwen, layer, cache):
+    spec = build_spec(compose(["tracker=none", "site=p_last", f"layer={layer}"]))
+    cells = spec.grid.cells()[:2]
+    before = dict(COUNTS)
+    rows, _ = compute_cells(qwen, spec, cells, book=PromptBook(qwen.tokenizer, spec.grid), cache=cache,
+                            max_rows=64, batch_cells=12, ctx=CTX)
+    work = {k: COUNTS[k] - before[k] for k in COUNTS}
+    return pd.DataFrame(rows), work, spec
+
+
+def test_second_job_reads_captures_from_disk(qwen):
+    spec = build_spec(compose(["tracker=none"]))
+    df1, cold, _ = _job(qwen, 6, ActivationCache(qwen, spec.grid))
+    cache_mod._MEMORY.clear()  # another process: only the disk cache is shared
+    c2 = ActivationCache(qwen, spec.grid)
+    df2, warm, _ = _job(qwen, 6, c2)
+    assert c2.hits == {"memory": 0, "disk": 2, "miss": 0}
+    # no reference decoding (12 steps) and no BB/XB/BY captures: only the XY host pass and patched rows
+    assert warm["forwards"] < cold["forwards"] - 12
+    assert warm["block_tokens"] < 0.6 * cold["block_tokens"]
+    pd.testing.assert_frame_equal(df1, df2)
+
+
+def test_jobs_in_one_process_share_captures_in_memory(qwen):
+    spec = build_spec(compose(["tracker=none"]))
+    c = ActivationCache(qwen, spec.grid, disk=False)
+    _, cold, _ = _job(qwen, 6, c)
+    _, warm, _ = _job(qwen, 13, c)
+    assert c.hits["memory"] == 2
+    assert warm["forwards"] <= 2  # patched rows only: one forward per (site, start layer) group
+    assert warm["block_tokens"] < 0.2 * cold["block_tokens"]
+
+
+def test_corrupt_or_truncated_entry_is_reported_and_recomputed(qwen, caplog):
+    spec = build_spec(compose(["tracker=none"]))
+    c1 = ActivationCache(qwen, spec.grid)
+    df1, cold, _ = _job(qwen, 6, c1)
+    files = sorted(c1.dir.glob("*.safetensors"))
+    assert len(files) == 2
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])  # truncated
+    raw = bytearray(files[1].read_bytes())
+    raw[-5] ^= 0xFF  # one flipped byte inside a tensor
+    files[1].write_bytes(bytes(raw))
+    cache_mod._MEMORY.clear()
+    c2 = ActivationCache(qwen, spec.grid)
+    with caplog.at_level(logging.WARNING, logger="lac.cache"):
+        df2, again, _ = _job(qwen, 6, c2)
+    assert c2.hits == {"memory": 0, "disk": 0, "miss": 2}
+    assert sum("corrupt" in r.getMessage() for r in caplog.records) == 2
+    assert again["forwards"] == cold["forwards"]  # recomputed in full
+    pd.testing.assert_frame_equal(df1, df2)
+    assert all(f.stat().st_size > len(data) // 2 for f in files)  # rewritten whole

@@ -1,0 +1,64 @@
+"""The per-key job store: atomic parts, refusal of foreign folders, one writer per key."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pandas as pd
+import pytest
+
+from lac.results import JobStore, frame, summarize, summary_keys
+
+
+def _rows(cells, layer=6):
+    return [{"model": "m", "model_id": "m", "grid": "g", "cell": c, "persona": c.split("__")[0],
+             "task": c.split("__")[1], "site": "p_last", "layer": layer, "layers": str(layer),
+             "intervention": "additive", "metric": "kl", "value": float(i)} for i, c in enumerate(cells)]
+
+
+def test_parts_roundtrip_and_untrusted_parts_are_dropped(tmp_path):
+    store = JobStore(tmp_path, "k1")
+    store.claim({"a": 1})
+    store.write_part("p1", frame(_rows(["a__x", "b__x"])), ["a__x", "b__x"])
+    store.write_part("p2", frame(_rows(["c__x"])), ["c__x"])
+    (store.parts / "p3.parquet").write_bytes(b"PAR1 half a file")  # killed before its record
+    (store.parts / "p4.json").write_text('{"cells": ["d__x"], "rows": 1}')  # record without data
+    df, _, cells = store.read_parts()
+    assert cells == {"a__x", "b__x", "c__x"} and len(df) == 3
+    assert not (store.parts / "p3.parquet").exists()
+
+
+def test_a_folder_of_another_config_is_refused(tmp_path):
+    JobStore(tmp_path, "k1").claim({"layer": 6})
+    (tmp_path / "k2").mkdir()
+    (tmp_path / "k1" / "config.json").rename(tmp_path / "k2" / "config.json")
+    with pytest.raises(RuntimeError, match="belongs to config key 'k1', not 'k2'"):
+        JobStore(tmp_path, "k2").claim({"layer": 7})
+
+
+def _hold(root, key, q, hold):
+    with JobStore(root, key).lock():
+        q.put(("in", time.monotonic()))
+        time.sleep(hold)
+        q.put(("out", time.monotonic()))
+
+
+def test_twin_jobs_never_interleave(tmp_path):
+    q = mp.get_context("fork").Queue()
+    ps = [mp.get_context("fork").Process(target=_hold, args=(tmp_path, "k", q, 0.5)) for _ in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(30)
+    ev = sorted((q.get() for _ in range(4)), key=lambda e: e[1])
+    assert [e[0] for e in ev] == ["in", "out", "in", "out"]
+
+
+def test_summary_keys_are_stable_names():
+    df = frame(_rows(["a__x", "b__x", "c__x"], layer=14))
+    s = summarize(df)
+    keys = summary_keys(s)
+    assert keys["kl/p_last/L14/additive/median"] == 1.0
+    assert keys["kl/p_last/L14/additive/p25"] == pytest.approx(0.5)
+    assert pd.api.types.is_integer_dtype(df.layer)
