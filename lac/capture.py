@@ -140,18 +140,24 @@ def capture_cells(
         cap.prompts.update({r: book.get(c, r) for r in roles if r not in cap.prompts})
         caps.append(cap)
 
-    fresh = [c for c in caps if not c.ref]
-    for chunk in _batches(fresh, batch_size):  # XY: the reference, decoded with its own trace
+    # XY: the reference, decoded with its own trace. A cell from the cache that patched rows
+    # will continue is decoded again: the same batch gives the same tokens and KV, so results
+    # do not depend on whether a cell came from the cache.
+    redo = [c for c in caps if not c.ref or ("XY" in trace_hosts and "XY" not in c.traces)]
+    for chunk in _batches(redo, batch_size):
         prompts = [c.prompts["XY"] for c in chunk]
         toks, traces = greedy(
             lm, [p.ids for p in prompts], REF_TOKENS,
             capture_from=[p.p_user_last for p in prompts], keep_logp=True,
         )
         for c, t, tr in zip(chunk, toks, traces, strict=True):
-            c.ref = t
-            # patched rows continue a teacher-forced XY trace (below), never the decode's own
-            # KV, so results do not depend on whether a cell came from the cache
-            c._keep("XY", tr, host=True, keep_trace=False)
+            if not c.ref:
+                c.ref = t
+                c._keep("XY", tr, host=True, keep_trace="XY" in trace_hosts)
+            else:
+                if t != c.ref:
+                    raise RuntimeError(f"cell {c.cell.key}: decoding again gave another reference than the cached one")
+                c.traces["XY"] = tr
 
     for role in roles:
         host = role in hosts

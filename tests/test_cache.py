@@ -34,9 +34,10 @@ def test_second_job_reads_captures_from_disk(qwen):
     c2 = ActivationCache(qwen, spec.grid)
     df2, warm, _ = _job(qwen, 6, c2)
     assert c2.hits == {"memory": 0, "disk": 2, "miss": 0}
-    # no reference decoding (12 steps) and no BB/XB/BY captures: only the XY host pass and patched rows
-    assert warm["forwards"] < cold["forwards"] - 12
-    assert warm["block_tokens"] < 0.6 * cold["block_tokens"]
+    # BB, XB, BY (a prompt pass and a ref pass each) are read, not run; XY is decoded again
+    # for the KV that patched rows continue, and the patched forward is the same
+    assert warm["forwards"] == cold["forwards"] - 6
+    assert warm["block_tokens"] < 0.75 * cold["block_tokens"]
     pd.testing.assert_frame_equal(df1, df2)
 
 
@@ -44,9 +45,9 @@ def test_jobs_in_one_process_share_captures_in_memory(qwen):
     spec = build_spec(compose(["tracker=none"]))
     c = ActivationCache(qwen, spec.grid, disk=False)
     _, cold, _ = _job(qwen, 6, c)
-    _, warm, _ = _job(qwen, 13, c)
+    _, warm, _ = _job(qwen, 3, c)  # no deeper than the first job's captures
     assert c.hits["memory"] == 2
-    assert warm["forwards"] <= 2  # patched rows only: one forward per (site, start layer) group
+    assert warm["forwards"] == 1  # the patched rows only: one forward for the (site, layer) group
     assert warm["block_tokens"] < 0.2 * cold["block_tokens"]
 
 
