@@ -27,9 +27,10 @@ tasks: {haiku: Write a haiku about Monday mornings., recommend: Recommend a book
 def lac_run(tmp_path, *args, env=None, wait=True):
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID)
-    cmd = [sys.executable, "-m", "lac.run", "grid=custom", f"grid.path={grid}", "model.device=cpu",
+    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
+    cmd = [sys.executable, "-m", "lac.run", *flags, "grid=custom", f"grid.path={grid}", "model.device=cpu",
            f"results_root={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
-           f"hydra.run.dir={tmp_path / 'run'}", *args]
+           f"hydra.run.dir={tmp_path / 'run'}", *[a for a in args if not a.startswith("-")]]
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -58,11 +59,11 @@ def test_multirun_of_two_layers_writes_two_jobs_and_wandb_runs(tmp_path):
         runs = find_runs(job)
         assert len(runs) == 1
         rec = read_run(runs[0])
-        assert rec["config"]["layer"] == layer and rec["config"]["model"] == "qwen0.5"
-        assert rec["config"]["intervention"] == "additive"
+        assert rec.config["layer"] == layer and rec.config["model"] == "qwen0.5"
+        assert rec.config["intervention"] == "additive"
         key = f"kl/p_last/L{layer}/additive/median"
-        assert rec["summary"][key] == pytest.approx(np.median(kl[kl.site == "p_last"].value), abs=0)
-        table = rec["tables"]["results"]
+        assert rec.summary[key] == pytest.approx(np.median(kl[kl.site == "p_last"].value), abs=0)
+        table = rec.tables["results"]
         assert table["columns"] == list(COLUMNS)
         got = pd.DataFrame(table["data"], columns=table["columns"])
         assert len(got) == len(df)
@@ -90,10 +91,11 @@ def test_rerun_of_a_finished_job_loads_no_model(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
-def _part_cells(store: Path) -> list[str]:
+def _part_cells(store: Path) -> list[tuple[str, str]]:
+    """(job key, cell) of every result part written so far."""
     cells = []
     for meta in store.glob("*/parts/*.json"):
-        cells += json.loads(meta.read_text())["cells"]
+        cells += [(meta.parent.parent.name, c) for c in json.loads(meta.read_text())["cells"]]
     return cells
 
 
@@ -157,5 +159,7 @@ def test_submitit_local_requeue_resumes_and_completes(tmp_path):
     assert len(cells) == len(set(cells)) == 4 and first <= set(cells)
     df = pd.read_parquet(tmp_path / "multirun" / "0" / "results.parquet")
     assert set(df.cell) == {"yoda__haiku", "yoda__recommend", "marx__haiku", "marx__recommend"}
+    assert {c for _, c in cells} == set(df.cell)
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "multirun").rglob("*.err"))
-    assert "requeu" in logs.lower() or "checkpoint" in logs.lower()
+    assert "Caught signal SIGUSR2" in logs and "preempted" in logs
+    assert logs.count("Loading weights: 100%") == 2  # the requeued process started over and resumed
