@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from lac.capture import capture_cells
 from lac.config import build_spec
 from lac.engine import greedy
-from lac.interventions import additive_vector
+from lac.interventions import Additive, RemoveX
 from lac.prompts import PromptBook
 from lac.runner import get_model
 
@@ -36,11 +36,10 @@ def items_for(lm, spec, book, cells):
     items = []
     for cap in caps:
         xy = list(cap.prompts["XY"].ids)
-        remove_x = cap.h("XY", "p_last", L) - (cap.h("XB", "p_last", L) - cap.h("BB", "p_last", L))
         items += [
             (xy, []),
-            (xy, [(L, len(xy) - 1, additive_vector(cap, "p_last", L))]),
-            (xy, [(L, len(xy) - 1, remove_x)]),
+            (xy, [(L, len(xy) - 1, Additive().vector(cap, "p_last", L))]),
+            (xy, [(L, len(xy) - 1, RemoveX().vector(cap, "p_last", L))]),
             (list(book.get(cap.cell, "bare").ids), []),
         ]
     return items

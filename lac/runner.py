@@ -25,7 +25,7 @@ from lac.capture import CellCapture, capture_cells
 from lac.config import Spec, build_spec, job_key
 from lac.engine import greedy
 from lac.grid import Cell
-from lac.interventions import additive_vector, kl_records, roles_needed
+from lac.interventions import get_intervention, kl_records, roles_needed
 from lac.markers import score
 from lac.metrics import geometry
 from lac.models import LoadedModel, load_model
@@ -108,12 +108,9 @@ def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
             if cond == "bare":
                 items.append((cap, cond, book.get(cap.cell, "bare").ids, []))
                 continue
-            vec = None
-            if cond == "additive":
-                vec = additive_vector(cap, "p_last", L)
-            elif cond == "remove_x":
-                vec = cap.h("XY", "p_last", L) - (cap.h("XB", "p_last", L) - cap.h("BB", "p_last", L))
-            items.append((cap, cond, xy.ids, [] if vec is None else [(L, len(xy.ids) - 1, vec)]))
+            iv = get_intervention(cond)  # clean, additive or remove_x: all hosted by XY
+            patch = [(L, len(xy.ids) - 1, iv.vector(cap, "p_last", L))] if iv.writes else []
+            items.append((cap, cond, xy.ids, patch))
     gens = []
     eos = lm.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
