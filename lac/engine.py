@@ -327,7 +327,7 @@ def greedy(
     n = max(len(p) for p in prompts)
     lead = [n - len(p) for p in prompts]
     tok = lm.tokenizer
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
     ids = torch.full((bsz, n), pad_id, dtype=torch.long)
     mask = torch.zeros((bsz, n), dtype=torch.long)
@@ -406,7 +406,7 @@ def greedy(
     return out_tokens, traces
 
 
-def _eos_ids(lm: LoadedModel) -> set[int]:
+def eos_ids(lm: LoadedModel) -> set[int]:
     gc = getattr(lm.model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None)
     if eos is None:

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from lac.metrics import summarize as cell_stats
 from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
 
 log = logging.getLogger("lac.results")
@@ -72,21 +72,15 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
         raise
 
 
-def _stats(v: np.ndarray) -> dict[str, float]:
-    p25, med, p75 = np.percentile(v, [25, 50, 75])
-    return {"median": float(med), "p25": float(p25), "p75": float(p75),
-            "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
-
-
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
     """Medians/IQRs over cells per metric x site x layer(s) x intervention; marker rates."""
     out: dict[str, Any] = {"kl": [], "geometry": [], "markers": {}}
     kl = df[df.metric == "kl"]
     for (site, layers, iv), g in kl.groupby(["site", "layers", "intervention"], sort=True):
-        out["kl"].append({"site": site, "layers": layers, "intervention": iv, **_stats(g.value.to_numpy())})
+        out["kl"].append({"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy())})
     geo = df[df.intervention == DECOMPOSITION]
     for (metric, site, layer), g in geo.groupby(["metric", "site", "layer"], sort=True):
-        out["geometry"].append({"metric": metric, "site": site, "layer": int(layer), **_stats(g.value.to_numpy())})
+        out["geometry"].append({"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())})
     mk = df[df.metric.isin(["marker_any", "marker_distinct"])]
     for iv, g in mk.groupby("intervention", sort=False):
         any_ = g[g.metric == "marker_any"]

@@ -23,7 +23,7 @@ import lac
 from lac.cache import ActivationCache
 from lac.capture import CellCapture, capture_cells
 from lac.config import Spec, build_spec, job_key
-from lac.engine import greedy
+from lac.engine import eos_ids, greedy
 from lac.grid import Cell
 from lac.interventions import get_intervention, kl_records, roles_needed
 from lac.markers import score
@@ -112,8 +112,7 @@ def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
             patch = [(L, len(xy.ids) - 1, iv.vector(cap, "p_last", L))] if iv.writes else []
             items.append((cap, cond, xy.ids, patch))
     gens = []
-    eos = lm.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = eos_ids(lm)
     chunk = max(batch_cells * len(spec.conditions), 1)
     for i in range(0, len(items), chunk):
         part = items[i : i + chunk]
