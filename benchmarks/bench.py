@@ -19,8 +19,9 @@ Protocols (see benchmarks/README.md for every column):
     XY reference by `generate`; for each site, each of BB/XB/BY/XY one forward
     with output_hidden_states (16 capture forwards per cell on section4); for
     each site x layer a clean window forward and a patched window forward.
-(b) lac: lac.runner.compute_cells on all cells at once, cold (no activation
-    cache, lac.cache._MEMORY cleared).
+(b) lac: what a job runs, cold (no disk activation cache, lac.cache._MEMORY
+    cleared): lac.runner.clean_phase (captures in batches of --capture-cells)
+    then lac.runner.compute_cells in predict steps of --batch-cells cells.
 Writes benchmarks/results/<protocol>.json (other models/devices get a suffix).
 """
 
@@ -291,8 +292,10 @@ def lac_phases(meter):
     import lac.capture as lcap
 
     rec["capture_logit_positions"] = 0
-    orig_cap, orig_kl, orig_rows = lr.capture_cells, lr.kl_records, li.run_rows
-    orig_crows, orig_greedy = lcap.run_rows, lcap.greedy
+    import lac.prefix as lpre
+
+    orig_cap, orig_kl, orig_rows = lr.capture, lr.kl_records, li.run_rows
+    orig_crows, orig_decode, orig_prows = lcap.run_rows, lcap.decode, lpre.run_rows
 
     def cap(*a, **k):
         with meter.span({}) as s:
@@ -311,25 +314,32 @@ def lac_phases(meter):
         rec["patched_forwards"] += engine.COUNTS["forwards"] - before["forwards"]
         return r
 
+    def n_logits(k):
+        return sum(len(cols) for cols in (k.get("logp_at") or ()))
+
     def rows(lm, rws, **k):
-        rec["patched_logit_positions"] += len(rws) * len(k.get("logp_cols") or ())
+        rec["patched_logit_positions"] += n_logits(k)
         return orig_rows(lm, rws, **k)
 
     def crows(lm, rws, **k):
-        rec["capture_logit_positions"] += len(rws) * len(k.get("logp_cols") or ())
+        rec["capture_logit_positions"] += n_logits(k)
         return orig_crows(lm, rws, **k)
 
-    def greedy(lm, prompts, n_new, **k):
-        rec["capture_logit_positions"] += len(prompts) * n_new
-        return orig_greedy(lm, prompts, n_new, **k)
+    def prows(lm, rws, **k):
+        rec["capture_logit_positions"] += n_logits(k)
+        return orig_prows(lm, rws, **k)
 
-    lr.capture_cells, lr.kl_records, li.run_rows = cap, klr, rows
-    lcap.run_rows, lcap.greedy = crows, greedy
+    def decode(lm, traces, n_new, **k):
+        rec["capture_logit_positions"] += len(traces) * (n_new - 1)
+        return orig_decode(lm, traces, n_new, **k)
+
+    lr.capture, lr.kl_records, li.run_rows = cap, klr, rows
+    lcap.run_rows, lcap.decode, lpre.run_rows = crows, decode, prows
     try:
         yield rec
     finally:
-        lr.capture_cells, lr.kl_records, li.run_rows = orig_cap, orig_kl, orig_rows
-        lcap.run_rows, lcap.greedy = orig_crows, orig_greedy
+        lr.capture, lr.kl_records, li.run_rows = orig_cap, orig_kl, orig_rows
+        lcap.run_rows, lcap.decode, lpre.run_rows = orig_crows, orig_decode, orig_prows
 
 
 def reset_lac() -> None:
@@ -343,16 +353,22 @@ def reset_lac() -> None:
 def run_lac(lm, spec, cells, meter, args, *, cache=None, phases=True) -> dict:
     from lac import engine
     from lac.prompts import PromptBook
-    from lac.runner import compute_cells
+    from lac.cache import ActivationCache
+    from lac.runner import clean_phase, compute_cells
 
     ctx = {"model": lm.name, "model_id": lm.model_id, "grid": spec.grid.name}
     before = dict(engine.COUNTS)
     out = {}
+    cache = cache or ActivationCache(lm, spec.grid, disk=False)
+    book = PromptBook(lm.tokenizer, spec.grid)
+    rows = []
     with (lac_phases(meter) if phases else contextlib.nullcontext({})) as rec, meter.span(out):
-        rows, _ = compute_cells(
-            lm, spec, cells, book=PromptBook(lm.tokenizer, spec.grid), cache=cache,
-            max_rows=args.max_rows, batch_cells=args.batch_cells, ctx=ctx,
-        )
+        clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=args.capture_cells)
+        for i in range(0, len(cells), args.batch_cells):
+            rows += compute_cells(
+                lm, spec, cells[i : i + args.batch_cells], book=book, cache=cache,
+                max_rows=args.max_rows, batch_cells=args.batch_cells, ctx=ctx,
+            )[0]
     counts = {k: engine.COUNTS[k] - before[k] for k in engine.COUNTS}
     kls = {(r["cell"], r["site"], r["layer"]): r["value"] for r in rows if r["metric"] == "kl"}
     geo = {(r["cell"], r["site"], r["layer"], r["metric"]): r["value"] for r in rows
@@ -698,6 +714,7 @@ def main(argv=None) -> int:
                     help="a randomly initialised full-size Gemma-2-2B (timing only; prompts from the Qwen tokenizer)")
     ap.add_argument("--max-rows", type=int, default=64, help="engine.max_rows")
     ap.add_argument("--batch-cells", type=int, default=12, help="engine.batch_cells")
+    ap.add_argument("--capture-cells", type=int, default=64, help="engine.capture_cells")
     ap.add_argument("--no-subprocess", action="store_true", help="multirun: skip the python -m lac.run timing")
     ap.add_argument("--reference-dir", default=os.environ.get("LAC_REFERENCE_DIR", "/work/shared/reference"),
                     help="where embedded-qwen0.5-v15/v16.json live (optional check)")

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 
 from lac.capture import capture_cells
 from lac.config import build_spec
-from lac.engine import greedy
+from lac.engine import Row, greedy
 from lac.interventions import Additive, RemoveX
 from lac.prompts import PromptBook
 from lac.runner import get_model
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     batched = []
     for i in range(0, len(items), args.batch):
         part = items[i : i + args.batch]
-        toks, _ = greedy(lm, [p for p, _ in part], args.tokens, patches=[pt for _, pt in part])
+        toks, _ = greedy(lm, [Row(list(p), patches=pt) for p, pt in part], args.tokens)
         batched += toks
     t_batched = time.perf_counter() - t0
     t0 = time.perf_counter()

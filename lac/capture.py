@@ -1,16 +1,17 @@
 """Clean captures of a batch of cells: the XY reference and a trace per prompt role.
 
-For each cell: ref = 12 greedy tokens of XY (one batched decode that also keeps
-XY's KV, block inputs and clean log-probs), then BB/XB/BY/bare teacher-forced
-on the same ref. Each distinct prompt text runs once (BB is shared by every
-cell, XB by a persona's tasks, BY by a task's personas) and each cell only adds
-its ref tokens on top of the shared prompt's KV. Roles used only for the
-decomposition stop at the deepest layer asked for.
+Every prompt the cells need (BB, XB, BY, XY, host prompts) runs once, as one
+prefix tree (`lac.prefix`): the chat-template header and each persona's
+"As X, " are computed once for all prompts that start with them. Then
+ref = 12 greedy tokens of XY, decoded on from the XY prompt's trace (keeping
+its KV, block inputs and clean log-probs), and the other roles teacher-force
+their prompt + the same ref. Roles used only for the decomposition stop at
+the deepest layer asked for.
 
 What decomposition and KL read (ref, block inputs at the sites, clean
 log-probs over the windows) is small and goes to the activation cache; the KV
 and window residuals that patched rows continue (`traces`) are rebuilt by one
-teacher-forced pass when a cell comes from the cache.
+teacher-forced pass on the stored ref when a cell comes from the cache.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lac.engine import Row, Trace, greedy, run_rows
+from lac.engine import Row, Trace, decode, run_rows
 from lac.grid import Cell
 from lac.models import LoadedModel
+from lac.prefix import Want, prefix_traces
 from lac.prompts import Prompt, PromptBook
 from lac.sites import REF_TOKENS, SITES, site_position
 
@@ -80,19 +82,10 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _teacher_forced(
-    lm: LoadedModel, caps: Sequence[CellCapture], role: str, *, host: bool, depth: int, batch_size: int
+    lm: LoadedModel, caps: Sequence[CellCapture], role: str, prompt_traces: dict, *, host: bool, depth: int,
+    batch_size: int,
 ) -> list[Trace]:
-    """Traces of role prompt + ref (11 tokens for a host, 2 otherwise), shared prompts run once."""
-    distinct = list({c.prompts[role].ids: c.prompts[role] for c in caps}.values())
-    prompt_traces: dict[tuple[int, ...], Trace] = {}
-    for chunk in _batches(distinct, batch_size):
-        n = max(len(p.ids) for p in chunk)
-        col = min(n - len(p.ids) + p.p_user_last for p in chunk)
-        out = run_rows(
-            lm, [Row(list(p.ids)) for p in chunk], depth=depth, capture=True,
-            capture_from=col, keep_kv=True, logp_cols=[n - 1] if host else None,
-        )
-        prompt_traces.update({p.ids: t for p, t in zip(chunk, out, strict=True)})
+    """Traces of role prompt + ref (11 tokens for a host, 2 otherwise), continuing the prompts' traces."""
     k = REF_TOKENS - 1 if host else 2  # hosts carry every KL window; others reach g2
     traces = []
     for chunk in _batches(caps, batch_size):
@@ -102,7 +95,7 @@ def _teacher_forced(
         ]
         out = run_rows(
             lm, rows, depth=depth, capture=True, keep_kv=host,
-            logp_cols=list(range(k)) if host else None,
+            logp_at=[range(k)] * len(rows) if host else None,
         )
         traces += [_merge(r.prefix, t) for r, t in zip(rows, out, strict=True)]
     return traces
@@ -126,7 +119,8 @@ def capture_cells(
     hosts: roles whose clean window log-probs are kept (full depth).
     trace_hosts: hosts whose traces patched rows will continue.
     known: captures already at hand (memory or disk) by cell key; only what
-    they lack is computed.
+    they lack is computed. A known cell's XY trace is teacher-forced on its
+    stored reference (never decoded again).
     """
     n_layers = lm.n_layers
     depth = n_layers if depth is None else depth
@@ -140,37 +134,42 @@ def capture_cells(
         cap.prompts.update({r: book.get(c, r) for r in roles if r not in cap.prompts})
         caps.append(cap)
 
-    # XY: the reference, decoded with its own trace. A cell from the cache that patched rows
-    # will continue is decoded again: the same batch gives the same tokens and KV, so results
-    # do not depend on whether a cell came from the cache.
-    redo = [c for c in caps if not c.ref or ("XY" in trace_hosts and "XY" not in c.traces)]
-    for chunk in _batches(redo, batch_size):
-        prompts = [c.prompts["XY"] for c in chunk]
-        toks, traces = greedy(
-            lm, [p.ids for p in prompts], REF_TOKENS,
-            capture_from=[p.p_user_last for p in prompts], keep_logp=True,
+    def need(c: CellCapture, role: str) -> bool:
+        host = role in hosts
+        return not c.ref or (
+            c.depth(role) < (n_layers if host else depth) or (host and role not in c.logp)
+            or (role in trace_hosts and role not in c.traces)
+        )
+
+    # the prompts every role still needs run as one prefix tree
+    todo = {role: [c for c in caps if need(c, role)] for role in roles}
+    wants: dict[tuple[int, ...], Want] = {}
+    for role, cs in todo.items():
+        for c in cs:
+            p = c.prompts[role]
+            w = Want(n_layers if role in hosts else depth, p.p_user_last, logp_last=role in hosts)
+            wants[p.ids] = wants[p.ids].merge(w) if p.ids in wants else w
+    prompt_traces = prefix_traces(lm, wants) if wants else {}
+
+    # XY: the reference, decoded greedily on from the prompt's trace (KV, block inputs, log-probs)
+    fresh = [c for c in caps if not c.ref]
+    for chunk in _batches(fresh, batch_size):
+        toks, traces = decode(
+            lm, [prompt_traces[c.prompts["XY"].ids] for c in chunk], REF_TOKENS, capture=True, keep_logp=True
         )
         for c, t, tr in zip(chunk, toks, traces, strict=True):
-            if not c.ref:
-                c.ref = t
-                c._keep("XY", tr, host=True, keep_trace="XY" in trace_hosts)
-            else:
-                if t != c.ref:
-                    raise RuntimeError(f"cell {c.cell.key}: decoding again gave another reference than the cached one")
-                c.traces["XY"] = tr
+            c.ref = t
+            c._keep("XY", tr, host=True, keep_trace="XY" in trace_hosts)
+    decoded = {id(c) for c in fresh}
+    todo["XY"] = [c for c in todo["XY"] if id(c) not in decoded]
 
     for role in roles:
         host = role in hosts
         d = n_layers if host else depth
-        todo = [
-            c for c in caps
-            if c.depth(role) < d or (host and role not in c.logp)
-            or (role in trace_hosts and role not in c.traces)
-        ]
-        if not todo:
+        if not todo[role]:
             continue
-        traces = _teacher_forced(lm, todo, role, host=host, depth=d, batch_size=batch_size)
-        for c, t in zip(todo, traces, strict=True):
+        traces = _teacher_forced(lm, todo[role], role, prompt_traces, host=host, depth=d, batch_size=batch_size)
+        for c, t in zip(todo[role], traces, strict=True):
             if c.depth(role) >= d and role in c.logp:
                 c.traces[role] = t  # only the trace was missing: keep the stored residuals
             else:

@@ -5,12 +5,14 @@ The one primitive is `run_rows`: a batch of rows, each continuing a clean
 the stack at block `start_layer` with the clean residual (blocks below it
 would recompute what the trace already holds), writing patch vectors into
 the residual at chosen (layer, position), capturing block inputs and
-returning next-token log-probs only where asked. Rows are left-padded so that
-real tokens stay contiguous (sliding-window masks stay exact) and every row
-has explicit attention mask and position ids.
+returning next-token log-probs only where asked. Prefixes are left-padded
+and new tokens right-padded, so each row's real tokens stay contiguous
+(sliding-window masks stay exact) whatever its lengths; every row has an
+explicit attention mask and position ids.
 
-`greedy` is the decode loop on the same hooks: it produces the clean XY
-reference, its traces, and (with prefill patches) the marker generations.
+`decode` continues traces greedily (the clean XY reference and its trace);
+`greedy` = one prompt pass (patches apply there only) + `decode` (the marker
+generations).
 """
 
 from __future__ import annotations
@@ -113,14 +115,14 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
             layers[i] = mod
 
 
-def _patch_index(patches: Sequence[Sequence[Patch]], cols: Sequence[int], device, dtype):
+def _patch_index(patches: Sequence[Sequence[Patch]], device, dtype):
     """Per layer: (row index, column index, vectors) tensors for one batched write."""
     by_layer: dict[int, tuple[list, list, list]] = {}
     for b, row_patches in enumerate(patches):
         for layer, local, vec in row_patches:
             r, c, v = by_layer.setdefault(layer, ([], [], []))
             r.append(b)
-            c.append(cols[b] + local)
+            c.append(local)
             v.append(vec)
     return {
         L: (
@@ -140,59 +142,60 @@ def run_rows(
     depth: int | None = None,
     capture: bool = False,
     capture_from: int = 0,
-    logp_cols: Sequence[int] | None = None,
+    logp_at: Sequence[Sequence[int]] | None = None,
     keep_kv: bool = False,
 ) -> list[Trace]:
     """Run a batch of rows once; see the module docstring.
 
-    capture: keep inputs of blocks start_layer..depth-1 for new tokens from local
-    index `capture_from` on. logp_cols: local indices (same for every row, counted
-    from the first new token of the longest row) whose next-token log-probs are
-    returned. start_layer > 0 needs every row to have a prefix trace holding the
-    clean block input at that layer for the new positions.
+    Layout: prefixes left-padded to the longest, new tokens right after them
+    (right-padded), so each row's real tokens are contiguous whatever its prefix
+    and new lengths. capture: keep inputs of blocks start_layer..depth-1 for new
+    tokens from local index `capture_from` on. logp_at: per row, local indices of
+    new tokens whose next-token log-probs are returned (the head runs on those
+    positions only). start_layer > 0 needs every row to have a prefix trace
+    holding the clean block input at that layer for the new positions.
     """
     model, device, dtype = lm.model, lm.device, lm.dtype
     n_layers = lm.n_layers
     depth = n_layers if depth is None else depth
+    if keep_kv and start_layer > 0:
+        raise ValueError("keep_kv needs start_layer=0: skipped blocks add no KV for the new tokens")
     has_prefix = [r.prefix is not None and r.start > 0 for r in rows]
-    n = max(len(r.ids) for r in rows)
-    if any(has_prefix) and any(len(r.ids) != n for r in rows):
-        raise ValueError("rows continuing a prefix must all add the same number of tokens")
+    lens = [len(r.ids) for r in rows]
+    n = max(lens)
     starts = [r.start if hp else 0 for r, hp in zip(rows, has_prefix, strict=True)]
     m = max(starts)
-    total = m + n
     bsz = len(rows)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((bsz, n), pad_id, dtype=torch.long)
-    mask = torch.zeros((bsz, total), dtype=torch.long)
+    mask = torch.zeros((bsz, m + n), dtype=torch.long)
     pos = torch.zeros((bsz, n), dtype=torch.long)
-    lead = []  # column (in the new block) of each row's first new token
     for b, r in enumerate(rows):
-        k = len(r.ids)
-        input_ids[b, n - k :] = torch.tensor(r.ids)
-        mask[b, total - (starts[b] + k) :] = 1
-        pos[b, n - k :] = torch.arange(starts[b], starts[b] + k)
-        lead.append(n - k)
+        input_ids[b, : lens[b]] = torch.tensor(r.ids)
+        mask[b, m - starts[b] : m + lens[b]] = 1
+        pos[b] = torch.arange(starts[b], starts[b] + n)  # pads after the row: never attended to
 
     from transformers import DynamicCache
 
     cache = DynamicCache()  # full layers: a sliding-window layer would drop the prefix we keep
     if m:
         # blocks below start_layer never read their cache; layer 0 still tells masks the length
-        first = _stack_prefix_kv(rows, has_prefix, starts, 0, m, device)
+        first = _stack_kv([r.prefix if hp else None for r, hp in zip(rows, has_prefix, strict=True)], starts, 0, m, device)
         kv_layers = [first] + [
-            first if L < start_layer else _stack_prefix_kv(rows, has_prefix, starts, L, m, device)
+            first if L < start_layer else _stack_kv(
+                [r.prefix if hp else None for r, hp in zip(rows, has_prefix, strict=True)], starts, L, m, device
+            )
             for L in range(1, min(depth, n_layers))
         ]
         cache = DynamicCache(ddp_cache_data=kv_layers)
 
     captured: dict[int, torch.Tensor] = {}
-    patch_idx = _patch_index([r.patches for r in rows], lead, device, dtype)
+    patch_idx = _patch_index([r.patches for r in rows], device, dtype)
 
     def at_layer(L):
         def fn(h):
             if L == start_layer and start_layer > 0:
-                h = torch.stack([_clean_input(r, L, starts[b], n) for b, r in enumerate(rows)])
+                h = torch.stack([_clean_input(r, L, starts[b], lens[b], n) for b, r in enumerate(rows)])
                 h = h.to(device=device, dtype=dtype)
             elif L in patch_idx:
                 h = h.clone()
@@ -214,79 +217,78 @@ def run_rows(
         watched.add(depth)
     fns = {L: at_layer(L) for L in watched}
 
-    want_logits = bool(logp_cols) and depth == n_layers
-    kwargs = dict(
-        attention_mask=mask.to(device),
-        position_ids=pos.to(device),
-        past_key_values=cache,
-        use_cache=True,
-    )
+    kwargs = dict(attention_mask=mask.to(device), position_ids=pos.to(device), past_key_values=cache, use_cache=True)
     if start_layer > 0:
         kwargs["inputs_embeds"] = torch.zeros((bsz, n, model.config.hidden_size), dtype=dtype, device=device)
     else:
         kwargs["input_ids"] = input_ids.to(device)
-    out = None
-    _count(int(mask[:, m:].sum()), depth - start_layer)
+    last = None
+    _count(sum(lens), depth - start_layer)
     with torch.inference_mode(), _hooks(lm, fns, skip_below=start_layer):
         try:
-            if want_logits:
-                kwargs["logits_to_keep"] = torch.tensor(list(logp_cols), device=device)
-                out = model(**kwargs)
-            else:
-                out = getattr(model, model.base_model_prefix)(**kwargs)
+            last = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
         except StopForward:
-            out = None
+            last = None
+        logp = _log_probs(lm, last, logp_at) if logp_at is not None and depth == n_layers else {}
 
-    logits = out.logits.float() if want_logits and out is not None else None
-    if logits is not None:
-        check_finite(logits, lm, "logits")
     traces = []
     for b, r in enumerate(rows):
-        k = len(r.ids)
+        k = lens[b]
         ids = (list(r.prefix.ids[: starts[b]]) if has_prefix[b] else []) + list(r.ids)
         kv = []
-        if keep_kv and cache is not None:
+        if keep_kv:
             for L in range(min(depth, n_layers)):
                 layer = cache.layers[L]
                 if layer.keys is None or layer.keys.numel() == 0:
                     break
-                kv.append((layer.keys[b, :, -(starts[b] + k) :], layer.values[b, :, -(starts[b] + k) :]))
+                kv.append((layer.keys[b, :, m - starts[b] : m + k], layer.values[b, :, m - starts[b] : m + k]))
         hidden = None
-        skip = max(lead[b] - capture_from, 0)  # left-pad columns before the row's first token
         if capture:
-            hs = [captured[L][b, skip:] for L in range(start_layer, depth)]
+            hs = [captured[L][b, : max(k - capture_from, 0)] for L in range(start_layer, depth)]
             hidden = torch.stack(hs) if hs else None
             check_finite(hidden, lm, "hidden states")
-        t = Trace(ids, kv, hidden, first=starts[b] + capture_from + skip - lead[b], depth=depth)
-        if logits is not None:
-            lp = torch.log_softmax(logits[b], dim=-1)
-            for j, c in enumerate(logp_cols):
-                t.logp[starts[b] + c - lead[b]] = lp[j]
+        t = Trace(ids, kv, hidden, first=starts[b] + capture_from, depth=depth)
+        t.logp = {starts[b] + j: v for j, v in logp.get(b, {}).items()}
         traces.append(t)
     return traces
 
 
-def _stack_prefix_kv(rows, has_prefix, starts, layer, m, device):
-    """Left-padded [batch, kv_heads, m, head_dim] keys and values of the rows' prefixes."""
-    ref = next(r.prefix.kv[layer] for r, hp in zip(rows, has_prefix, strict=True) if hp and layer < len(r.prefix.kv))
-    ks = ref[0].new_zeros((len(rows), ref[0].shape[0], m, ref[0].shape[-1]))
-    vs = ref[1].new_zeros((len(rows), ref[1].shape[0], m, ref[1].shape[-1]))
-    for b, r in enumerate(rows):
-        if has_prefix[b] and layer < len(r.prefix.kv):
-            ks[b, :, m - starts[b] :] = r.prefix.kv[layer][0][:, : starts[b]]
-            vs[b, :, m - starts[b] :] = r.prefix.kv[layer][1][:, : starts[b]]
+def _log_probs(lm: LoadedModel, last: torch.Tensor, logp_at: Sequence[Sequence[int]], chunk: int = 512) -> dict:
+    """Next-token log-probs at (row, local index) pairs: the head runs on those positions only."""
+    where = [(b, j) for b, cols in enumerate(logp_at) for j in cols]
+    out: dict[int, dict[int, torch.Tensor]] = {}
+    for i in range(0, len(where), chunk):
+        part = where[i : i + chunk]
+        h = last[torch.tensor([b for b, _ in part]), torch.tensor([j for _, j in part])]
+        lp = torch.log_softmax(lm.logits(h), dim=-1)
+        check_finite(lp.sum(-1), lm, "logits")  # float32 sums of values in [-1e4, 0]: NaN/inf survive, cheaply
+        for (b, j), v in zip(part, lp, strict=True):
+            out.setdefault(b, {})[j] = v
+    return out
+
+
+def _stack_kv(traces: Sequence[Trace | None], lens: Sequence[int], layer: int, m: int, device):
+    """Left-padded [batch, kv_heads, m, head_dim] keys and values of each trace's first lens[b] tokens."""
+    ref = next(t.kv[layer] for t in traces if t is not None and layer < len(t.kv))
+    ks = ref[0].new_zeros((len(traces), ref[0].shape[0], m, ref[0].shape[-1]))
+    vs = ref[1].new_zeros((len(traces), ref[1].shape[0], m, ref[1].shape[-1]))
+    for b, t in enumerate(traces):
+        if t is not None and layer < len(t.kv) and lens[b]:
+            ks[b, :, m - lens[b] :] = t.kv[layer][0][:, : lens[b]]
+            vs[b, :, m - lens[b] :] = t.kv[layer][1][:, : lens[b]]
     return ks.to(device), vs.to(device)
 
 
-def _clean_input(row: Row, layer: int, start: int, n: int) -> torch.Tensor:
-    """Clean input of block `layer` at the row's new positions, from its prefix trace."""
+def _clean_input(row: Row, layer: int, start: int, k: int, n: int) -> torch.Tensor:
+    """Clean input of block `layer` at the row's new positions (zeros over its right padding)."""
     tr = row.prefix
     if tr is None or tr.hidden is None:
         raise ValueError("start_layer > 0 needs a prefix trace with captured block inputs")
     lo = start - tr.first
-    if lo < 0 or layer >= tr.depth or lo + n > tr.hidden.shape[1]:
-        raise ValueError(f"prefix trace lacks block {layer} input at positions {start}..{start + n - 1}")
-    return tr.hidden[layer, lo : lo + n]
+    if lo < 0 or layer >= tr.depth or lo + k > tr.hidden.shape[1]:
+        raise ValueError(f"prefix trace lacks block {layer} input at positions {start}..{start + k - 1}")
+    h = tr.hidden[layer, lo : lo + k]
+    return h if k == n else torch.cat([h, h.new_zeros((n - k, h.shape[-1]))])
 
 
 def check_finite(t: torch.Tensor | None, lm: LoadedModel, what: str, where: str = "") -> None:
@@ -301,109 +303,103 @@ def check_finite(t: torch.Tensor | None, lm: LoadedModel, what: str, where: str 
 
 
 def greedy(
-    lm: LoadedModel,
-    prompts: Sequence[Sequence[int]],
-    n_new: int,
-    *,
-    patches: Sequence[Sequence[Patch]] | None = None,
-    capture_from: Sequence[int] | None = None,
-    keep_logp: bool = False,
+    lm: LoadedModel, rows: Sequence[Row], n_new: int, *, capture: bool = False, keep_logp: bool = False
 ) -> tuple[list[list[int]], list[Trace]]:
-    """Greedy decoding of a left-padded batch, as `generate(do_sample=False)` does it.
+    """Greedy decoding as `generate(do_sample=False)` does it: one prompt pass, then `decode`.
 
-    patches: per prompt, (layer, position in the prompt, vector), applied in the
-    prompt pass only; generated tokens run unpatched. capture_from: per prompt,
-    the first position whose block inputs (all layers) are kept, for traces that
-    later rows continue. keep_logp: keep log-probs of every generated step.
-    Rows that emit EOS continue with the pad token, like `generate`.
+    Rows may continue clean prefix traces (the prompt pass then runs only their
+    new tokens); row patches apply in the prompt pass only, generated tokens
+    run unpatched. capture: keep block inputs of the prompt pass and every step.
+    """
+    if n_new <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {n_new}")
+    prompts = run_rows(lm, rows, capture=capture, keep_kv=True, logp_at=[[len(r.ids) - 1] for r in rows])
+    return decode(lm, prompts, n_new, capture=capture, keep_logp=keep_logp)
+
+
+def decode(
+    lm: LoadedModel, traces: Sequence[Trace], n_new: int, *, capture: bool = False, keep_logp: bool = False
+) -> tuple[list[list[int]], list[Trace]]:
+    """Continue full-depth traces (KV of every layer, log-probs at their last position) greedily.
+
+    The KV is laid out left-padded (real tokens contiguous) and grows one column
+    per step. Returns the n_new tokens per row and traces over trace + tokens[:-1]
+    (the last token is chosen, never fed). Rows that emit EOS continue with the
+    pad token, like `generate`.
     """
     if n_new <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {n_new}")
     from transformers import DynamicCache
 
-    model, device, dtype = lm.model, lm.device, lm.dtype
+    model, device = lm.model, lm.device
     n_layers = lm.n_layers
-    bsz = len(prompts)
-    n = max(len(p) for p in prompts)
-    lead = [n - len(p) for p in prompts]
-    tok = lm.tokenizer
+    bsz = len(traces)
+    lens = [len(t.ids) for t in traces]
+    m = max(lens)
     eos = eos_ids(lm)
+    tok = lm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (min(eos) if eos else 0)
-    ids = torch.full((bsz, n), pad_id, dtype=torch.long)
-    mask = torch.zeros((bsz, n), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, lead[b] :] = torch.tensor(list(p))
-        mask[b, lead[b] :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    capture = capture_from is not None
-    col0 = min(lead[b] + capture_from[b] for b in range(bsz)) if capture else 0
+    eos_t = torch.tensor(sorted(eos) or [-1])
+    for t in traces:
+        if len(t.kv) < n_layers or len(t.ids) - 1 not in t.logp:
+            raise ValueError("decode needs traces with KV at every layer and log-probs at their last position")
+    cache = DynamicCache(ddp_cache_data=[_stack_kv(traces, lens, L, m, device) for L in range(n_layers)])
+    mask = torch.zeros((bsz, m), dtype=torch.long)
+    for b in range(bsz):
+        mask[b, m - lens[b] :] = 1
     steps: dict[int, list[torch.Tensor]] = {L: [] for L in range(n_layers)}
-    patch_idx = _patch_index(patches or [[] for _ in prompts], lead, device, dtype)
-    prefill = {"on": True}
 
     def at_layer(L):
         def fn(h):
-            if prefill["on"] and L in patch_idx:
-                h = h.clone()
-                ri, ci, vec = patch_idx[L]
-                h[ri, ci] = vec
-            if capture:
-                steps[L].append(h[:, col0:] if prefill["on"] else h)
+            steps[L].append(h)
             return h
 
         return fn
 
-    fns = {L: at_layer(L) for L in (range(n_layers) if capture else patch_idx)}
-    cache = DynamicCache()
-    out_tokens: list[list[int]] = [[] for _ in prompts]
-    logps: list[torch.Tensor] = []
-    done = torch.zeros(bsz, dtype=torch.bool)
-    with torch.inference_mode(), _hooks(lm, fns):
-        cur_ids, cur_pos = ids, pos
-        for step in range(n_new):
-            _count(int(mask[:, -cur_ids.shape[1] :].sum()), n_layers)
+    logps = [torch.stack([t.logp[len(t.ids) - 1] for t in traces])]
+    nxt = logps[0].argmax(-1).cpu()
+    out_tokens = [[int(x)] for x in nxt]
+    done = torch.isin(nxt, eos_t)
+    with torch.inference_mode(), _hooks(lm, {L: at_layer(L) for L in range(n_layers)} if capture else {}):
+        for step in range(1, n_new):
+            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
+            _count(bsz, n_layers)
             out = model(
-                input_ids=cur_ids.to(device),
+                input_ids=nxt[:, None].to(device),
                 attention_mask=mask.to(device),
-                position_ids=cur_pos.to(device),
+                position_ids=torch.tensor([[n + step - 1] for n in lens], device=device),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            prefill["on"] = False
             logits = out.logits[:, -1].float()
             check_finite(logits, lm, "logits", f"(generation step {step})")
             if keep_logp:
-                logps.append(torch.log_softmax(logits, dim=-1).cpu())
+                logps.append(torch.log_softmax(logits, dim=-1))
             nxt = logits.argmax(-1).cpu()
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             for b in range(bsz):
                 out_tokens[b].append(int(nxt[b]))
-            done |= torch.isin(nxt, torch.tensor(sorted(eos) or [-1]))
+            done |= torch.isin(nxt, eos_t)
             cache = out.past_key_values
-            cur_ids = nxt[:, None]
-            cur_pos = cur_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
 
-    traces = []
-    total = n + n_new - 1  # the last token was chosen but never fed
-    for b in range(bsz):
-        seq = list(prompts[b]) + out_tokens[b]
-        kv = [
-            (layer.keys[b, :, lead[b] :], layer.values[b, :, lead[b] :])
-            for layer in cache.layers[:n_layers]
-        ]
-        hidden, first = None, 0
-        if capture:
-            skip = max(lead[b] - col0, 0)
-            hidden = torch.stack([torch.cat([s[b] for s in steps[L]], dim=0)[skip:] for L in range(n_layers)])
-            check_finite(hidden, lm, "hidden states")
-            first = col0 + skip - lead[b]
-        t = Trace(seq[: total - lead[b]], kv, hidden, first=first, depth=n_layers)
-        for j, lp in enumerate(logps):
-            t.logp[len(prompts[b]) - 1 + j] = lp[b]
-        traces.append(t)
-    return out_tokens, traces
+    result = []
+    for b, t in enumerate(traces):
+        kv = [(layer.keys[b, :, m - lens[b] :], layer.values[b, :, m - lens[b] :]) for layer in cache.layers[:n_layers]]
+        hidden, first = t.hidden, t.first
+        if capture and n_new > 1:
+            new = torch.stack([torch.cat([s[b] for s in steps[L]], dim=0) for L in range(n_layers)])
+            check_finite(new, lm, "hidden states")
+            if hidden is None or hidden.shape[0] < n_layers:
+                hidden, first = new, lens[b]
+            else:
+                hidden = torch.cat([hidden[:n_layers], new], dim=1)
+        tr = Trace(list(t.ids) + out_tokens[b][:-1], kv, hidden, first=first, depth=n_layers, logp=dict(t.logp))
+        if keep_logp:
+            for j, lp in enumerate(logps):
+                tr.logp[lens[b] - 1 + j] = lp[b]
+        result.append(tr)
+    return out_tokens, result
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:

@@ -116,7 +116,7 @@ def kl_records(
 ) -> list[tuple[CellCapture, Job, float]]:
     """Causal KL of every (cell, job): patched rows continue the host's clean prefix.
 
-    Rows sharing site, first layer and length go into one forward; each starts at
+    Rows sharing first layer, length and window offset (any site) go into one forward; each starts at
     its first patched layer with the clean residual and writes its own vectors.
     """
     out: list[tuple[CellCapture, Job, float]] = []
@@ -135,14 +135,14 @@ def kl_records(
             patches = [(L, 0, iv.vector(cap, job.site, L)) for L in job.layers]
             row = Row(host.ids[q:end], prefix=host, start=q, patches=patches)
             offset = window_first_position(job.site, len(hp.ids)) - q
-            groups[(job.site, min(job.layers), end - q, offset)].append((cap, job, row))
+            groups[(min(job.layers), end - q, offset)].append((cap, job, row))
 
-    for (_site, start_layer, _n, offset), items in groups.items():
+    for (start_layer, _n, offset), items in groups.items():
         for i in range(0, len(items), max_rows):
             chunk = items[i : i + max_rows]
             traces = run_rows(
                 lm, [r for _, _, r in chunk], start_layer=start_layer,
-                logp_cols=list(range(offset, offset + WINDOW)),
+                logp_at=[range(offset, offset + WINDOW)] * len(chunk),
             )
             for (cap, job, row), t in zip(chunk, traces, strict=True):
                 out.append((cap, job, kl_window(_target(cap, job.site), _window(t.logp, row.start + offset))))

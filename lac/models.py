@@ -31,6 +31,30 @@ class LoadedModel:
     def layers(self) -> nn.ModuleList:
         return decoder_layers(self.model)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits from final (normed) hidden states: the output head, softcapped on Gemma-2."""
+        out = self.model.get_output_embeddings()(h)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out.float()
+
+
+def check_head(lm: LoadedModel) -> None:
+    """The engine computes logits itself (only where a window reads them): refuse a model where
+    base model + `lm.logits` differs from the model's own forward (an unknown logit scaling)."""
+    ids = torch.tensor([[1, 2, 3, 4]], device=lm.device)
+    with torch.inference_mode():
+        own = lm.model(input_ids=ids).logits[0].float()
+        ours = lm.logits(getattr(lm.model, lm.model.base_model_prefix)(input_ids=ids).last_hidden_state[0])
+    err = (own - ours).abs().max().item()
+    if not err <= 1e-3 * max(1.0, own.abs().max().item()):
+        raise ValueError(
+            f"{lm.name}: {type(lm.model).__name__} post-processes its logits in a way lac does not know "
+            f"(max |diff| {err:.3g} between its forward and output head); supported: plain heads and "
+            "final_logit_softcapping (Llama, Qwen2, Gemma-2 and alike)"
+        )
+
 
 def resolve_dtype(name: str) -> torch.dtype:
     """torch dtype from its name, refusing names torch lacks."""
@@ -97,4 +121,6 @@ def load_model(cfg) -> LoadedModel:
     )
     model.to(device).eval()
     model.requires_grad_(False)
-    return LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device)
+    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device)
+    check_head(lm)
+    return lm

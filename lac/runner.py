@@ -23,7 +23,7 @@ import lac
 from lac.cache import ActivationCache
 from lac.capture import CellCapture, capture_cells
 from lac.config import Spec, build_spec, job_key
-from lac.engine import eos_ids, greedy
+from lac.engine import Row, eos_ids, greedy
 from lac.grid import Cell
 from lac.interventions import get_intervention, kl_records, roles_needed
 from lac.markers import score
@@ -59,17 +59,20 @@ def _changed(cap: CellCapture) -> tuple:
     return (tuple(cap.ref), tuple((r, h.shape[1]) for r, h in sorted(cap.site_h.items())), tuple(sorted(cap.logp)))
 
 
-def compute_cells(
-    lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook,
-    cache: ActivationCache | None, max_rows: int, batch_cells: int, ctx: dict,
-) -> tuple[list[dict], list[dict]]:
-    """Rows (and generation records) of one batch of cells: the work of one predict step."""
+def _capture_plan(spec: Spec) -> tuple[list, int]:
+    """Interventions whose captures a job needs, and the deepest block they read."""
     if spec.mode == "markers":
-        interventions = []
-        depth = spec.layers[0] + 1
-    else:
-        interventions = list(spec.interventions)
-        depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
+        return [], spec.layers[0] + 1
+    depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
+    return list(spec.interventions), depth
+
+
+def capture(
+    lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook,
+    cache: ActivationCache | None, batch_cells: int,
+) -> list[CellCapture]:
+    """Clean captures of `cells`: from the activation cache where it has them, else computed and stored."""
+    interventions, depth = _capture_plan(spec)
     roles, hosts, trace_hosts = roles_needed(interventions)
     known = cache.get(list(cells), book) if cache else {}
     before = {k: _changed(c) for k, c in known.items()}
@@ -79,7 +82,28 @@ def compute_cells(
     )
     if cache:
         cache.put(caps, {c.cell.key for c in caps if before.get(c.cell.key) != _changed(c)})
+    return caps
 
+
+def clean_phase(
+    lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook, cache: ActivationCache,
+    capture_cells: int,
+) -> None:
+    """Captures of a job's cells in large batches (one prefix tree and one XY decode per
+    `capture_cells` cells), before the patched steps: kept in memory for those steps, on disk
+    for other jobs. Cells beyond what the memory cache holds are captured in their own steps."""
+    size = max(capture_cells, 1)
+    ahead = list(cells[: cache.memory_cells])
+    for i in range(0, len(ahead), size):
+        capture(lm, spec, ahead[i : i + size], book=book, cache=cache, batch_cells=size)
+
+
+def compute_cells(
+    lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook,
+    cache: ActivationCache | None, max_rows: int, batch_cells: int, ctx: dict,
+) -> tuple[list[dict], list[dict]]:
+    """Rows (and generation records) of one batch of cells: the work of one predict step."""
+    caps = capture(lm, spec, cells, book=book, cache=cache, batch_cells=batch_cells)
     rows: list[dict] = []
     if spec.mode == "markers":
         gens = _markers(lm, spec, caps, book, ctx, rows, batch_cells)
@@ -116,7 +140,7 @@ def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
     chunk = max(batch_cells * len(spec.conditions), 1)
     for i in range(0, len(items), chunk):
         part = items[i : i + chunk]
-        toks, _ = greedy(lm, [p for _, _, p, _ in part], spec.max_new_tokens, patches=[pt for *_, pt in part])
+        toks, _ = greedy(lm, [Row(list(p), patches=pt) for _, _, p, pt in part], spec.max_new_tokens)
         for (cap, cond, _, patch), tk in zip(part, toks, strict=True):
             cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
             text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
@@ -167,6 +191,7 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
 
     book = PromptBook(lm.tokenizer, spec.grid)
     cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
+    clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=int(cfg.engine.capture_cells))
     module = _lightning_module(lm, spec, book, cache, cfg.engine, ctx)
     loader = DataLoader(cells, batch_size=int(cfg.engine.batch_cells), shuffle=False, collate_fn=list)
     accel = {"cuda": "gpu", "mps": "mps"}.get(lm.device.type, "cpu")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lac.engine import COUNTS, Row, check_finite, greedy, run_rows
+from lac.engine import COUNTS, Row, check_finite, decode, greedy, run_rows
+from lac.models import check_head
 from tests.tiny import tiny_model
 
 ARCHS = ["gemma2", "qwen2", "llama"]
@@ -56,7 +57,7 @@ def test_hidden_states_L_is_block_L_input(arch):
 def test_batched_padded_capture_equals_single_prompt(arch):
     lm = tiny_model(arch)
     seqs = _seqs([13, 7, 10])  # longer than the tiny Gemma-2 sliding window (6)
-    traces = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True, logp_cols=[12])
+    traces = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True, logp_at=[[len(s) - 1] for s in seqs])
     for s, t in zip(seqs, traces, strict=True):
         out = _plain(lm, s)
         ref = torch.stack(out.hidden_states[: lm.n_layers])[:, 0]
@@ -81,7 +82,7 @@ def test_prefix_reuse_with_patches_equals_plain(arch, start_layer):
         vecs = [torch.randn(64, generator=g) for _ in layers]
         rows.append(Row(s[q : q + 5], prefix=t, start=q, patches=[(L, 0, v) for L, v in zip(layers, vecs, strict=True)]))
         plain_patches.append([(L, q, v) for L, v in zip(layers, vecs, strict=True)])
-    out = run_rows(lm, rows, start_layer=start_layer, logp_cols=list(range(5)))
+    out = run_rows(lm, rows, start_layer=start_layer, logp_at=[range(5)] * len(rows))
     for s, r, t, pp in zip(seqs, rows, out, plain_patches, strict=True):
         logits = _plain(lm, s[: r.start + 5], pp).logits[0].float()
         for j in range(5):
@@ -89,12 +90,72 @@ def test_prefix_reuse_with_patches_equals_plain(arch, start_layer):
             torch.testing.assert_close(t.logp[r.start + j], lp, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("start_layer", [0, 2])
+def test_rows_of_different_prefix_and_new_lengths_share_a_forward(arch, start_layer):
+    """Right-padded new tokens after left-padded prefixes: each row equals its own plain forward."""
+    lm = tiny_model(arch, seed=4)
+    seqs = _seqs([17, 12, 20, 9], seed=8)
+    clean = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True)
+    cuts = [(9, 17), (4, 12), (11, 14), (2, 9)]  # (start, end): prefix and new lengths all differ
+    g = torch.Generator().manual_seed(6)
+    rows, plain_patches = [], []
+    for s, t, (a, e) in zip(seqs, clean, cuts, strict=True):
+        v = torch.randn(64, generator=g)
+        rows.append(Row(s[a:e], prefix=t, start=a, patches=[(3, 1, v)]))
+        plain_patches.append([(3, a + 1, v)])
+    out = run_rows(lm, rows, start_layer=start_layer, capture=True, keep_kv=start_layer == 0,
+                   logp_at=[range(e - a) for a, e in cuts])
+    for s, r, t, pp, (a, e) in zip(seqs, rows, out, plain_patches, cuts, strict=True):
+        res = _plain(lm, s[:e], pp)
+        assert t.ids == s[:e] and t.first == a
+        for j in range(e - a):
+            torch.testing.assert_close(t.logp[a + j], torch.log_softmax(res.logits[0, a + j].float(), -1),
+                                       atol=1e-5, rtol=1e-5)
+        ref = torch.stack(res.hidden_states[start_layer: lm.n_layers])[:, 0, a:e].clone()
+        ref[3 - start_layer, 1] = pp[0][2]  # hidden_states hold block 3's input before the patch
+        torch.testing.assert_close(t.hidden, ref, atol=1e-5, rtol=1e-5)
+        if start_layer == 0:
+            assert len(t.kv) == lm.n_layers and all(k.shape[1] == e for k, _ in t.kv)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_continues_traces_like_generate(arch):
+    """Traces of different lengths (one built from a shared prefix) decode as `generate` would."""
+    lm = tiny_model(arch, seed=2)
+    seqs = _seqs([10, 15, 7], seed=5)
+    head = run_rows(lm, [Row(seqs[1][:6])], keep_kv=True)[0]
+    traces = run_rows(lm, [Row(seqs[0]), Row(seqs[1][6:], prefix=head, start=6), Row(seqs[2])], capture=True,
+                      keep_kv=True, logp_at=[[9], [8], [6]])
+    toks, out = decode(lm, traces, 5, capture=True, keep_logp=True)
+    for s, tk, t in zip(seqs, toks, out, strict=True):
+        with torch.no_grad():
+            gen = lm.model.generate(torch.tensor([s]), max_new_tokens=5, do_sample=False, num_beams=1)[0, len(s):]
+        n = len(gen)
+        assert tk[:n] == gen.tolist()
+        if n == 5:  # the decode trace equals a plain forward over prompt + tokens[:-1]
+            full = s + tk[:4]
+            res = _plain(lm, full)
+            assert t.ids == full
+            for p in range(len(s) - 1, len(full)):
+                torch.testing.assert_close(t.logp[p], torch.log_softmax(res.logits[0, p].float(), -1), atol=1e-5, rtol=1e-5)
+            ref = torch.stack(res.hidden_states[: lm.n_layers])[:, 0, t.first :]
+            torch.testing.assert_close(t.hidden, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_head_check_refuses_unknown_logit_processing():
+    lm = tiny_model("qwen2")
+    lm.model.config.final_logit_softcapping = 0.5  # lac would softcap, Qwen2's forward does not
+    with pytest.raises(ValueError, match="post-processes its logits"):
+        check_head(lm)
+
+
 def test_start_layer_skips_lower_blocks():
     lm = tiny_model("qwen2")
     s = _seqs([12])[0]
     clean = run_rows(lm, [Row(s)], capture=True, keep_kv=True)
     before = dict(COUNTS)
-    run_rows(lm, [Row(s[8:], prefix=clean[0], start=8)], start_layer=3, logp_cols=[0])
+    run_rows(lm, [Row(s[8:], prefix=clean[0], start=8)], start_layer=3, logp_at=[[0]])
     assert COUNTS["block_tokens"] - before["block_tokens"] == 4 * (lm.n_layers - 3)
 
 
@@ -104,7 +165,7 @@ def test_greedy_equals_generate_patched_and_unpatched(arch):
     seqs = _seqs([9, 14, 6], seed=7)
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3
     patches = [[], [(1, 13, vec)], [(2, 5, vec)]]  # at each prompt's last token, prompt pass only
-    toks, _ = greedy(lm, seqs, 6, patches=patches)
+    toks, _ = greedy(lm, [Row(s, patches=p) for s, p in zip(seqs, patches, strict=True)], 6)
     for s, p, tk in zip(seqs, patches, toks, strict=True):
         handles = []
         for layer, pos, v in p:
@@ -131,9 +192,9 @@ def test_patch_touches_prompt_pass_only():
     vec = torch.randn(64, generator=torch.Generator().manual_seed(9)) * 10
     writes = []
     lm.layers[1].register_forward_pre_hook(lambda m, a, k: writes.append(a[0].shape[1]), with_kwargs=True)
-    base, _ = greedy(lm, [s], 5)
+    base, _ = greedy(lm, [Row(s)], 5)
     writes.clear()
-    patched, traces = greedy(lm, [s], 5, patches=[[(1, 7, vec)]], capture_from=[0])
+    patched, traces = greedy(lm, [Row(s, patches=[(1, 7, vec)])], 5, capture=True)
     assert writes == [8, 1, 1, 1, 1]  # one prompt pass, then single-token steps
     assert base != patched
     # the prompt pass wrote the vector; the captured block-1 input at position 7 is it

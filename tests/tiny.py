@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lac.models import LoadedModel
+from lac.models import LoadedModel, check_head
 
 
 class StubTokenizer:
@@ -44,4 +44,6 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     model.to(dtype).eval()
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
-    return LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, torch.device("cpu"))
+    lm = LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, torch.device("cpu"))
+    check_head(lm)
+    return lm
