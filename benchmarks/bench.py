@@ -352,8 +352,8 @@ def reset_lac() -> None:
 
 def run_lac(lm, spec, cells, meter, args, *, cache=None, phases=True) -> dict:
     from lac import engine
-    from lac.prompts import PromptBook
     from lac.cache import ActivationCache
+    from lac.prompts import PromptBook
     from lac.runner import clean_phase, compute_cells
 
     ctx = {"model": lm.name, "model_id": lm.model_id, "grid": spec.grid.name}

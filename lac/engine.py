@@ -18,12 +18,13 @@ generations).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lac.attention import grouped_attention
 from lac.models import LoadedModel
 
 # (layer, local position in the row's new tokens, vector [d_model])
@@ -85,6 +86,7 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
     """Pre-hooks on decoder blocks (fn(hidden) -> hidden or None) and skipped low blocks."""
     layers = lm.layers
     handles, saved = [], {}
+    stack = ExitStack()
 
     def make(fn):
         def hook(module, args, kwargs):
@@ -101,6 +103,7 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
         return hook
 
     try:
+        stack.enter_context(grouped_attention(lm.model))
         for i in range(skip_below):
             saved[i] = layers[i]
             layers[i] = _Skip()
@@ -113,6 +116,7 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
             h.remove()
         for i, mod in saved.items():
             layers[i] = mod
+        stack.close()
 
 
 def _patch_index(patches: Sequence[Sequence[Patch]], device, dtype):
@@ -373,7 +377,7 @@ def decode(
                 logits_to_keep=1,
             )
             logits = out.logits[:, -1].float()
-            check_finite(logits, lm, "logits", f"(generation step {step})")
+            check_finite(logits.sum(-1), lm, "logits", f"(generation step {step})")
             if keep_logp:
                 logps.append(torch.log_softmax(logits, dim=-1))
             nxt = logits.argmax(-1).cpu()

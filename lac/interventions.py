@@ -138,8 +138,9 @@ def kl_records(
             groups[(min(job.layers), end - q, offset)].append((cap, job, row))
 
     for (start_layer, _n, offset), items in groups.items():
-        for i in range(0, len(items), max_rows):
-            chunk = items[i : i + max_rows]
+        size = -(-len(items) // -(-len(items) // max_rows))  # even chunks of at most max_rows
+        for i in range(0, len(items), size):
+            chunk = items[i : i + size]
             traces = run_rows(
                 lm, [r for _, _, r in chunk], start_layer=start_layer,
                 logp_at=[range(offset, offset + WINDOW)] * len(chunk),

@@ -29,6 +29,7 @@ from lac.interventions import get_intervention, kl_records, roles_needed
 from lac.markers import score
 from lac.metrics import geometry
 from lac.models import LoadedModel, load_model
+from lac.prefix import Want, prefix_traces
 from lac.prompts import PromptBook
 from lac.results import JobStore, atomic_write_bytes, format_table, frame, summarize
 from lac.schema import DECOMPOSITION, SCHEMA_VERSION
@@ -74,6 +75,8 @@ def capture(
     """Clean captures of `cells`: from the activation cache where it has them, else computed and stored."""
     interventions, depth = _capture_plan(spec)
     roles, hosts, trace_hosts = roles_needed(interventions)
+    if spec.mode == "markers":
+        trace_hosts = {"XY"}  # generations continue the clean XY prompt
     known = cache.get(list(cells), book) if cache else {}
     before = {k: _changed(c) for k, c in known.items()}
     caps = capture_cells(
@@ -122,34 +125,56 @@ def compute_cells(
     return rows, []
 
 
-def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
-    """Greedy generations under each condition, the vector written in the prompt pass only."""
-    L = spec.layers[0]
+def marker_generations(
+    lm: LoadedModel, caps: Sequence[CellCapture], conditions: Sequence[str], layer: int, *,
+    book: PromptBook, max_new_tokens: int, batch_rows: int,
+) -> list[tuple[CellCapture, str, bool, list[int]]]:
+    """Greedy generations of each cell under each condition: (cap, condition, patched, tokens).
+
+    The vector is written at p_last of `layer` in the prompt pass only. Every row
+    continues a clean prompt trace without its last token (XY's from the capture,
+    the bare prompts' from one prefix tree), so the prompt pass is that one token.
+    """
+    bare = {}
+    if "bare" in conditions:
+        ids = {book.get(c.cell, "bare").ids for c in caps}
+        bare = prefix_traces(lm, {p[:-1]: Want(lm.n_layers, len(p) - 1) for p in ids})
     items = []
     for cap in caps:
-        xy = cap.prompts["XY"]
-        for cond in spec.conditions:
+        for cond in conditions:
             if cond == "bare":
-                items.append((cap, cond, book.get(cap.cell, "bare").ids, []))
+                p = book.get(cap.cell, "bare").ids
+                items.append((cap, cond, Row([p[-1]], prefix=bare[p[:-1]], start=len(p) - 1)))
                 continue
             iv = get_intervention(cond)  # clean, additive or remove_x: all hosted by XY
-            patch = [(L, len(xy.ids) - 1, iv.vector(cap, "p_last", L))] if iv.writes else []
-            items.append((cap, cond, xy.ids, patch))
+            p = cap.prompts["XY"].ids
+            patch = [(layer, 0, iv.vector(cap, "p_last", layer))] if iv.writes else []
+            items.append((cap, cond, Row([p[-1]], prefix=cap.traces["XY"], start=len(p) - 1, patches=patch)))
+    out = []
+    for i in range(0, len(items), max(batch_rows, 1)):
+        part = items[i : i + max(batch_rows, 1)]
+        toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
+        out += [(cap, cond, bool(r.patches), tk) for (cap, cond, r), tk in zip(part, toks, strict=True)]
+    return out
+
+
+def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
+    """Generations under each condition, scored with the persona's markers."""
+    L = spec.layers[0]
     gens = []
     eos = eos_ids(lm)
-    chunk = max(batch_cells * len(spec.conditions), 1)
-    for i in range(0, len(items), chunk):
-        part = items[i : i + chunk]
-        toks, _ = greedy(lm, [Row(list(p), patches=pt) for _, _, p, pt in part], spec.max_new_tokens)
-        for (cap, cond, _, patch), tk in zip(part, toks, strict=True):
-            cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
-            text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
-            s = score(text, spec.grid.markers[cap.cell.persona])
-            layers = [L] if patch else []
-            rows.append(_row(cap.cell, "p_last", layers, cond, "marker_any", s["marker_any"], ctx))
-            rows.append(_row(cap.cell, "p_last", layers, cond, "marker_distinct", s["marker_distinct"], ctx))
-            gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
-                         "condition": cond, "layer": L if patch else -1, "tokens": tk, "text": text, **s})
+    batch_rows = max(batch_cells * len(spec.conditions), 1)
+    for cap, cond, patched, tk in marker_generations(
+        lm, caps, spec.conditions, L, book=book, max_new_tokens=spec.max_new_tokens, batch_rows=batch_rows
+    ):
+        cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
+        text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
+        s = score(text, spec.grid.markers[cap.cell.persona])
+        layers = [L] if patched else []
+        rows.append(_row(cap.cell, "p_last", layers, cond, "marker_any", s["marker_any"], ctx))
+        rows.append(_row(cap.cell, "p_last", layers, cond, "marker_distinct", s["marker_distinct"], ctx))
+        gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
+                     "condition": cond, "layer": L if patched else -1, "tokens": tk, "text": text, **s})
     return gens
 
 

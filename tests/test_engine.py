@@ -106,7 +106,7 @@ def test_rows_of_different_prefix_and_new_lengths_share_a_forward(arch, start_la
         plain_patches.append([(3, a + 1, v)])
     out = run_rows(lm, rows, start_layer=start_layer, capture=True, keep_kv=start_layer == 0,
                    logp_at=[range(e - a) for a, e in cuts])
-    for s, r, t, pp, (a, e) in zip(seqs, rows, out, plain_patches, cuts, strict=True):
+    for s, t, pp, (a, e) in zip(seqs, out, plain_patches, cuts, strict=True):
         res = _plain(lm, s[:e], pp)
         assert t.ids == s[:e] and t.first == a
         for j in range(e - a):
