@@ -101,6 +101,10 @@ def build_spec(cfg: DictConfig) -> Spec:
             raise ConfigError(f"model.embedded={m.get('embedded')!r}; allowed: {', '.join(EMBEDDED)}")
     resolve_dtype(m.dtype)
     resolve_device(m.device)
+    for name in ("batch_cells", "capture_cells", "max_rows"):
+        value = cfg.get("engine", {}).get(name, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"engine.{name}={value!r}; allowed: an integer >= 1")
     n = n_layers_of(m)
     grid = load_grid_cfg(cfg)
     sites = check_sites(cfg.site.sites)

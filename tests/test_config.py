@@ -136,3 +136,10 @@ def test_every_shipped_config_composes_and_validates():
             assert len(s.grid.cells()) == {"short": 12, "long": 48, "markers": 24}[grid]
             assert all(0 < L < s.n_layers for L in s.layers)
     assert spec("experiment=markers").grid.markers["chef"][-1] == "French"
+
+
+@pytest.mark.parametrize("name", ["batch_cells", "capture_cells", "max_rows"])
+@pytest.mark.parametrize("bad", [0, -3])
+def test_engine_sizes_must_be_positive(name, bad):
+    with pytest.raises(ConfigError, match=rf"engine\.{name}={bad}.*integer >= 1"):
+        build_spec(compose([f"engine.{name}={bad}"]))
