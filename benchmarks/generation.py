@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
         "speedup": round(t_single / t_batched, 2), "identical_rows": f"{same}/{n_single}",
         "one_at_a_time_rows_timed": n_single, "extrapolated": n_single < len(items),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loadavg": os.getloadavg(),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
     }
     print("| rows | tokens | one-at-a-time (s) | batched (s) | speedup | identical rows | target |")
     print("|---|---|---|---|---|---|---|")
