@@ -13,7 +13,7 @@ from lac.engine import COUNTS
 from lac.prompts import PromptBook
 from lac.runner import compute_cells
 from lac.sites import REF_TOKENS
-from tests.conftest import compose
+from tests.conftest import assert_same_results, compose
 
 CTX = {"model": "qwen0.5", "model_id": "embedded", "grid": "short"}
 
@@ -47,7 +47,7 @@ def test_second_job_reads_captures_from_disk(qwen):
     assert warm["block_tokens"] == distinct_prefixes * n + 2 * (REF_TOKENS - 1) * n + 2 * 10 * (n - 6)
     assert warm["block_tokens"] < cold["block_tokens"]
     # teacher-forced vs decoded XY trace: the same numbers up to float32 batch-shape noise
-    pd.testing.assert_frame_equal(df1, df2, rtol=0, atol=1e-6)
+    assert_same_results(df1, df2)
 
 
 def test_jobs_in_one_process_share_captures_in_memory(qwen):

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from lac.schema import COLUMNS
+from tests.conftest import assert_same_results
 from tests.wandb_reader import find_runs, read_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +126,7 @@ def test_sigkill_mid_sweep_then_rerun_resumes_without_recomputing(tmp_path):
         a = pd.read_parquet(tmp_path / "multirun" / str(num) / "results.parquet")
         b = pd.read_parquet(clean / "multirun" / str(num) / "results.parquet")
         # the resumed job captured fewer cells per prefix tree: float32 batch-shape noise only
-        pd.testing.assert_frame_equal(a, b, rtol=0, atol=1e-6)
+        assert_same_results(a, b)
 
 
 def _submitit_workers() -> list[int]:
