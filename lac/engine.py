@@ -18,7 +18,7 @@ generations).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -86,7 +86,6 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
     """Pre-hooks on decoder blocks (fn(hidden) -> hidden or None) and skipped low blocks."""
     layers = lm.layers
     handles, saved = [], {}
-    stack = ExitStack()
 
     def make(fn):
         def hook(module, args, kwargs):
@@ -103,20 +102,19 @@ def _hooks(lm: LoadedModel, fns: dict[int, Callable], skip_below: int = 0):
         return hook
 
     try:
-        stack.enter_context(grouped_attention(lm.model))
         for i in range(skip_below):
             saved[i] = layers[i]
             layers[i] = _Skip()
         for layer, fn in fns.items():
             if layer < len(layers):
                 handles.append(layers[layer].register_forward_pre_hook(make(fn), with_kwargs=True))
-        yield
+        with grouped_attention(lm.model):
+            yield
     finally:
         for h in handles:
             h.remove()
         for i, mod in saved.items():
             layers[i] = mod
-        stack.close()
 
 
 def _patch_index(patches: Sequence[Sequence[Patch]], device, dtype):
@@ -184,11 +182,10 @@ def run_rows(
     cache = DynamicCache()  # full layers: a sliding-window layer would drop the prefix we keep
     if m:
         # blocks below start_layer never read their cache; layer 0 still tells masks the length
-        first = _stack_kv([r.prefix if hp else None for r, hp in zip(rows, has_prefix, strict=True)], starts, 0, m, device)
+        prefixes = [r.prefix if hp else None for r, hp in zip(rows, has_prefix, strict=True)]
+        first = _stack_kv(prefixes, starts, 0, m, device)
         kv_layers = [first] + [
-            first if L < start_layer else _stack_kv(
-                [r.prefix if hp else None for r, hp in zip(rows, has_prefix, strict=True)], starts, L, m, device
-            )
+            first if L < start_layer else _stack_kv(prefixes, starts, L, m, device)
             for L in range(1, min(depth, n_layers))
         ]
         cache = DynamicCache(ddp_cache_data=kv_layers)

@@ -60,12 +60,13 @@ def _changed(cap: CellCapture) -> tuple:
     return (tuple(cap.ref), tuple((r, h.shape[1]) for r, h in sorted(cap.site_h.items())), tuple(sorted(cap.logp)))
 
 
-def _capture_plan(spec: Spec) -> tuple[list, int]:
-    """Interventions whose captures a job needs, and the deepest block they read."""
+def _capture_plan(spec: Spec) -> tuple[set[str], set[str], set[str], int]:
+    """(roles, hosts, trace hosts, deepest block) the job's captures need."""
     if spec.mode == "markers":
-        return [], spec.layers[0] + 1
+        roles, hosts, _ = roles_needed([])
+        return roles, hosts, {"XY"}, spec.layers[0] + 1  # generations continue the clean XY prompt
     depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
-    return list(spec.interventions), depth
+    return (*roles_needed(spec.interventions), depth)
 
 
 def capture(
@@ -73,10 +74,7 @@ def capture(
     cache: ActivationCache | None, batch_cells: int,
 ) -> list[CellCapture]:
     """Clean captures of `cells`: from the activation cache where it has them, else computed and stored."""
-    interventions, depth = _capture_plan(spec)
-    roles, hosts, trace_hosts = roles_needed(interventions)
-    if spec.mode == "markers":
-        trace_hosts = {"XY"}  # generations continue the clean XY prompt
+    roles, hosts, trace_hosts, depth = _capture_plan(spec)
     known = cache.get(list(cells), book) if cache else {}
     before = {k: _changed(c) for k, c in known.items()}
     caps = capture_cells(
@@ -151,8 +149,9 @@ def marker_generations(
             patch = [(layer, 0, iv.vector(cap, "p_last", layer))] if iv.writes else []
             items.append((cap, cond, Row([p[-1]], prefix=cap.traces["XY"], start=len(p) - 1, patches=patch)))
     out = []
-    for i in range(0, len(items), max(batch_rows, 1)):
-        part = items[i : i + max(batch_rows, 1)]
+    step = max(batch_rows, 1)
+    for i in range(0, len(items), step):
+        part = items[i : i + step]
         toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
         out += [(cap, cond, bool(r.patches), tk) for (cap, cond, r), tk in zip(part, toks, strict=True)]
     return out
