@@ -1,0 +1,96 @@
+"""Files that are whole or absent: one atomic-write helper, checksums, and a lock that says who holds it.
+
+Every file lac writes that a later run trusts (result parts, final results,
+summaries, activation-cache entries, converted models) goes through
+`atomic_write`: written to a temp name beside the target, fsynced, renamed.
+A crash leaves the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lac.io")
+_CHUNK = 8 << 20
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temp path beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def locked(path: str | Path, timeout: float = -1, what: str = "") -> Iterator[None]:
+    """Exclusive inter-process lock (filelock). If another process holds it, log once
+    "waiting for <path>, held by pid N" and wait (at most `timeout` s; -1: no limit)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pid_file = path.with_name(path.name + ".pid")
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = pid_file.read_text().strip() or "?"
+        except OSError:
+            holder = "?"
+        log.info("waiting for %s%s, held by pid %s", path, f" ({what})" if what else "", holder)
+        t0 = time.monotonic()
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise TimeoutError(
+                f"gave up after {timeout:.0f} s waiting for {path}, held by pid {holder}; "
+                f"if no such process runs, delete {path}"
+            ) from None
+        log.info("got %s after %.1f s", path, time.monotonic() - t0)
+    try:
+        with contextlib.suppress(OSError):
+            pid_file.write_text(str(os.getpid()))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+        lock.release()
