@@ -6,15 +6,15 @@ Thin by design: compose the config, hand it to lac.runner.run.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from lac.paths import conf_dir
 from lac.runner import run
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ (editable install)
+CONF = conf_dir()  # the repo's conf/ in a checkout, the packaged lac/conf in a wheel
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
