@@ -6,15 +6,28 @@ transformers de-quantizes every tensor (~80 s), so we do that once, save plain
 float32 safetensors under the cache root and load that folder (~2 s) afterwards.
 
 Cache layout: ``<root>/models/<name>-<sha12>/`` holding the HF files plus a
-``lac-embedded.json`` marker written last. A folder without a matching marker is
-never trusted. Folders are built in a temp dir and renamed into place, under a
-file lock, so crashed or concurrent jobs never leave a half-written model behind.
+``lac-embedded.json`` marker written last (atomically) that names the model, its
+GGUF digest and the size and SHA-256 of every other file in the folder. Folders
+are built in a temp dir and renamed into place, under a file lock, so crashed or
+concurrent jobs never leave a half-written model behind.
+
+Verification at every load. Hashing the 2.5 GB Qwen weights takes 1.8 s with a
+warm page cache and ~4 s cold: more than loading the model, so not on every
+load. Instead every load checks that each recorded file exists with its exact
+size (a few stat calls: catches missing and truncated files), and re-hashes a
+file only when its (size, mtime_ns, ctime_ns, inode) differs from when it last
+hashed correctly; those are kept in ``.lac-verified.json`` beside the marker,
+written atomically after a good hash (also at conversion, so the first load is
+cheap). Any write, copy, ``touch`` or replacement changes one of them (ctime
+cannot be set back from user space). What they cannot see is silent media
+corruption: ``LAC_VERIFY_MODELS=full`` (or ``embedded_path(key, verify="full")``)
+hashes everything. A folder that fails is re-converted, with a warning saying
+which file is wrong and how.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -22,19 +35,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
+from typing import Any
 
-try:  # advisory lock; absent on Windows, where we simply build without one
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from lac.io import atomic_write_json, locked, sha256_file
 
 log = logging.getLogger("lac.embedded")
 
 MARKER = "lac-embedded.json"
+STAMP = ".lac-verified.json"  # per-file (size, mtime, ctime, inode) of the last good hash
+VERIFY_MODES = ("quick", "full")
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _CHUNK = 8 << 20
 
@@ -226,9 +239,14 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         raise EmbeddedModelError(f"{gguf.name}: converted model produces non-finite logits")
 
 
-def embedded_path(key: str) -> Path:
-    """The cached HF folder of embedded model ``key``; converts on first use (~1-2 min, once)."""
+def embedded_path(key: str, verify: str | None = None) -> Path:
+    """The cached HF folder of embedded model ``key``, verified; converts on first use (~1-2 min).
+
+    ``verify``: "quick" (default; see the module docstring) or "full" (hash every
+    file); None reads ``$LAC_VERIFY_MODELS``. A folder that fails is re-converted.
+    """
     spec = get_spec(key)
+    full = _verify_mode(verify) == "full"
     models = cache_root() / "models"
     parts = None
     sha = spec.sha256
@@ -236,21 +254,46 @@ def embedded_path(key: str) -> Path:
         parts = locate_parts(spec)
         sha = parts[0].sha256 if len(parts) == 1 and parts[0].sha256 else _sha256_files(parts)
     final = models / f"{spec.name}-{sha[:12]}"
-    if _is_valid(final, spec, sha):
+    if _problem(final, spec, sha, full) is None:
         return final
 
     models.mkdir(parents=True, exist_ok=True)
-    with _lock(models / f".{final.name}.lock"):
-        if _is_valid(final, spec, sha):  # another process built it while we waited
+    with locked(models / f".{final.name}.lock", what=f"converting {spec.hf_name}"):
+        problem = _problem(final, spec, sha, full)  # another process may have rebuilt it
+        if problem is None:
             return final
-        parts = parts or locate_parts(spec)
-        for stale in [final, *models.glob(f".tmp-{final.name}-*")]:
-            if not stale.exists():
-                continue
-            log.warning("removing incomplete cache folder %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        _build(spec, parts, sha, final)
+        rebuild = final.exists()
+        if rebuild:
+            log.warning("cache folder %s failed verification: %s; re-converting it", final, problem)
+        try:
+            parts = parts or locate_parts(spec)
+            for stale in [final, *models.glob(f".tmp-{final.name}-*")]:
+                if stale.exists():
+                    log.warning(
+                        "removing %s cache folder %s", "bad" if rebuild else "incomplete", stale
+                    )
+                    shutil.rmtree(stale, ignore_errors=True)
+            _build(spec, parts, sha, final)
+        except Exception as err:
+            if not rebuild:
+                raise
+            raise EmbeddedModelError(
+                f"{spec.hf_name}: cache folder {final} failed verification ({problem}) and "
+                f"re-converting it failed: {type(err).__name__}: {err}. "
+                f"Fix that, then delete {final} (and any {models}/.tmp-{final.name}-*) "
+                f"and run again"
+            ) from err
     return final
+
+
+def _verify_mode(verify: str | None) -> str:
+    mode = (verify or os.environ.get("LAC_VERIFY_MODELS") or "quick").strip().lower()
+    if mode not in VERIFY_MODES:
+        raise EmbeddedModelError(
+            f"unknown model verification {mode!r} (verify= or $LAC_VERIFY_MODELS); "
+            f"choose one of: {', '.join(VERIFY_MODES)}"
+        )
+    return mode
 
 
 def _build(spec: EmbeddedSpec, parts: list[Part], sha: str, final: Path) -> None:
@@ -276,12 +319,10 @@ def _build(spec: EmbeddedSpec, parts: list[Part], sha: str, final: Path) -> None
         convert_gguf(gguf, out)
         gguf.unlink()  # 100-500 MB we no longer need
         _write_marker(out, spec, actual)
-        for f in out.iterdir():  # safetensors writes 0600; a shared LAC_CACHE_DIR needs 0644
-            f.chmod(0o644)
         try:
             os.replace(out, final)
         except OSError:  # lost a race with a process that took no lock (e.g. NFS)
-            if not _is_valid(final, spec, sha):
+            if _problem(final, spec, sha, full=False) is not None:
                 raise
             log.info("another process finished %s first; using it", final)
         log.info("embedded %s ready in %.1f s: %s", spec.hf_name, time.perf_counter() - t0, final)
@@ -290,45 +331,131 @@ def _build(spec: EmbeddedSpec, parts: list[Part], sha: str, final: Path) -> None
 
 
 def _write_marker(folder: Path, spec: EmbeddedSpec, sha: str) -> None:
+    """Record size and SHA-256 of every file, then the marker (last, atomically), then the stamp."""
     import transformers
 
+    files, stamp = {}, {}
+    for path in _listed(folder):
+        path.chmod(0o644)  # safetensors writes 0600; a shared LAC_CACHE_DIR needs 0644
+        st = path.stat()  # before hashing: a write during the hash makes the stamp stale
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"size": st.st_size, "sha256": sha256_file(path)}
+        stamp[rel] = _stamp_entry(st, files[rel]["sha256"])
     marker = {
         "name": spec.name,
         "hf_name": spec.hf_name,
         "sha256": sha,
+        "files": files,
         "source_packages": {pkg: _version(pkg) for pkg in spec.packages},
         "transformers": transformers.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    atomic_write_json(folder / MARKER, marker)
+    (folder / MARKER).chmod(0o644)  # atomic_write's temp file is 0600
+    _write_stamp(folder, stamp)
 
 
-def _is_valid(folder: Path, spec: EmbeddedSpec, sha: str) -> bool:
-    """Trust a folder only if its marker (written last) names this model and digest."""
+def _listed(folder: Path) -> list[Path]:
+    """Every file the marker must cover: all but the marker, the stamp and their temp files."""
+    own = (MARKER, STAMP, f".{MARKER}.", f".{STAMP}.")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(own))
+
+
+def _problem(folder: Path, spec: EmbeddedSpec, sha: str, full: bool) -> str | None:
+    """None if ``folder`` holds this model intact, else what is wrong (for the log).
+
+    Sizes are checked always; a file is hashed when ``full`` or when its stat differs
+    from the stamp of its last good hash. Good hashes refresh the stamp.
+    """
+    if not folder.exists():
+        return "no such folder"
     try:
         marker = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("name") == spec.name and marker.get("sha256") == sha
+    except FileNotFoundError:
+        return f"no {MARKER} (an interrupted conversion?)"
+    except (OSError, ValueError) as err:
+        return f"unreadable {MARKER}: {err}"
+    if not isinstance(marker, dict):
+        return f"unreadable {MARKER}: not a JSON object"
+    if (marker.get("name"), marker.get("sha256")) != (spec.name, sha):
+        return (
+            f"{MARKER} names {marker.get('name')} {marker.get('sha256')}, "
+            f"expected {spec.name} {sha}"
+        )
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return (
+            f"its {MARKER} was written by an older lac and records no file sizes or "
+            f"digests to verify"
+        )
+    try:
+        expected = {rel: (int(r["size"]), str(r["sha256"])) for rel, r in files.items()}
+    except (KeyError, TypeError, ValueError) as err:
+        return f"unreadable file records in {MARKER}: {err!r}"
 
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock, so concurrent jobs wait for one conversion instead of doing two."""
-    with open(path, "a") as f:
-        if fcntl is not None:
-            t0 = time.perf_counter()
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process converting the same model (%s)", path)
-                fcntl.flock(f, fcntl.LOCK_EX)
-                log.info("lock acquired after %.1f s", time.perf_counter() - t0)
+    wrong, to_hash = [], []
+    for rel, (size, _) in expected.items():
         try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
+            st = (folder / rel).stat()
+        except OSError:
+            wrong.append(f"{rel} is missing (expected {size} bytes)")
+            continue
+        if st.st_size != size:
+            wrong.append(f"{rel} is {st.st_size} bytes, expected {size}")
+        to_hash.append((rel, st))
+    if wrong:
+        return "; ".join(wrong)
+
+    stamp = {} if full else _read_stamp(folder)
+    to_hash = [
+        (rel, st) for rel, st in to_hash if stamp.get(rel) != _stamp_entry(st, expected[rel][1])
+    ]
+    if not to_hash:
+        return None
+    t0 = time.perf_counter()
+    for rel, st in to_hash:
+        found = sha256_file(folder / rel)
+        if found != expected[rel][1]:
+            wrong.append(f"{rel} has SHA-256 {found}, expected {expected[rel][1]}")
+        else:
+            stamp[rel] = _stamp_entry(st, found)
+    log.info(
+        "verified SHA-256 of %d file(s) in %s in %.1f s",
+        len(to_hash),
+        folder,
+        time.perf_counter() - t0,
+    )
+    if wrong:
+        return "; ".join(wrong)
+    _write_stamp(folder, {rel: stamp[rel] for rel in expected if rel in stamp})
+    return None
+
+
+def _stamp_entry(st: os.stat_result, sha: str) -> dict[str, Any]:
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "sha256": sha,  # so a stamp never vouches for a digest the marker does not hold
+    }
+
+
+def _read_stamp(folder: Path) -> dict[str, Any]:
+    try:
+        stamp = json.loads((folder / STAMP).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(folder: Path, stamp: dict[str, Any]) -> None:
+    """Best effort: in a read-only shared cache the full hash simply repeats on every load."""
+    try:
+        atomic_write_json(folder / STAMP, stamp)
+        (folder / STAMP).chmod(0o644)
+    except OSError as err:
+        log.info("cannot record verification in %s (%s); hashing again next load", folder, err)
 
 
 def _record_sha256(entry: object) -> str | None:

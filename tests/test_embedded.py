@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
@@ -160,9 +162,13 @@ def fake(monkeypatch, tmp_path):
         assert gguf.read_bytes() == WHOLE
         calls.append(gguf)
         (out / "config.json").write_text("{}")
+        (out / "weights.safetensors").write_bytes(WEIGHTS)
 
     monkeypatch.setattr(embedded, "convert_gguf", convert)
     return calls
+
+
+WEIGHTS = bytes(range(256)) * 16
 
 
 def test_builds_once_then_hits_cache(fake, tmp_path):
@@ -262,6 +268,156 @@ def test_concurrent_processes_convert_once(fake, monkeypatch, tmp_path):
     assert (folder / embedded.MARKER).exists()
 
 
+# --- verification of the converted folder ------------------------------------------------
+
+
+def _folder(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "models" / f"fake-{WHOLE_SHA[:12]}"
+
+
+def _flip_byte(path: Path) -> bytes:
+    """Corrupt one byte in place: same size, same inode; returns the new content."""
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    with open(path, "r+b") as f:
+        f.write(data)
+    return bytes(data)
+
+
+def test_marker_records_size_and_digest_of_every_file(fake, tmp_path):
+    folder = embedded.embedded_path("fake")
+    files = json.loads((folder / embedded.MARKER).read_text())["files"]
+    assert files == {
+        "config.json": {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+        "weights.safetensors": {
+            "size": len(WEIGHTS),
+            "sha256": hashlib.sha256(WEIGHTS).hexdigest(),
+        },
+    }
+    assert (folder / embedded.STAMP).exists(), "conversion stamps its own hashes"
+    assert oct((folder / embedded.MARKER).stat().st_mode & 0o777) == "0o644"
+
+
+def test_unchanged_folder_is_not_hashed_again(fake, monkeypatch):
+    folder = embedded.embedded_path("fake")
+    hashed = []
+    monkeypatch.setattr(embedded, "sha256_file", lambda p: hashed.append(p) or "0" * 64)
+    assert embedded.embedded_path("fake") == folder
+    assert hashed == [] and len(fake) == 1
+
+
+def test_lost_stamp_costs_one_full_hash_then_none(fake, monkeypatch):
+    folder = embedded.embedded_path("fake")
+    (folder / embedded.STAMP).unlink()
+    real, hashed = embedded.sha256_file, []
+    monkeypatch.setattr(embedded, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    embedded.embedded_path("fake")
+    embedded.embedded_path("fake")
+    assert sorted(hashed) == ["config.json", "weights.safetensors"]
+    assert len(fake) == 1
+
+
+def test_truncated_weights_warn_and_reconvert(fake, tmp_path, caplog):
+    folder = embedded.embedded_path("fake")
+    weights = folder / "weights.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    with caplog.at_level(logging.WARNING, logger="lac.embedded"):
+        assert embedded.embedded_path("fake") == folder
+    assert len(fake) == 2
+    assert f"cache folder {folder} failed verification" in caplog.text
+    assert f"weights.safetensors is 1000 bytes, expected {len(WEIGHTS)}" in caplog.text
+    assert weights.read_bytes() == WEIGHTS
+    assert embedded._problem(folder, EMBEDDED["fake"], WHOLE_SHA, full=True) is None
+
+
+def test_flipped_byte_found_by_hash_when_mtime_moves(fake, tmp_path, caplog):
+    """Same size and inode: only the stat stamp (mtime here) sends the file to be hashed."""
+    folder = embedded.embedded_path("fake")
+    weights = folder / "weights.safetensors"
+    before = weights.stat()
+    bad = _flip_byte(weights)
+    # a coarse filesystem clock may not tick within this test: move mtime as a later write would
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert (weights.stat().st_size, weights.stat().st_ino) == (before.st_size, before.st_ino)
+    with caplog.at_level(logging.WARNING, logger="lac.embedded"):
+        embedded.embedded_path("fake")
+    assert len(fake) == 2
+    good, found = hashlib.sha256(WEIGHTS).hexdigest(), hashlib.sha256(bad).hexdigest()
+    assert f"weights.safetensors has SHA-256 {found}, expected {good}" in caplog.text
+    assert weights.read_bytes() == WEIGHTS
+
+
+@pytest.mark.parametrize("how", ["env", "argument"])
+def test_corruption_invisible_to_stat_needs_full_check(fake, tmp_path, monkeypatch, how):
+    """Bit rot keeps size/mtime/ctime/inode: the quick check trusts it, a full check does not."""
+    folder = embedded.embedded_path("fake")
+    weights = folder / "weights.safetensors"
+    _flip_byte(weights)
+    stamp = json.loads((folder / embedded.STAMP).read_text())
+    good = stamp["weights.safetensors"]["sha256"]
+    stamp["weights.safetensors"] = embedded._stamp_entry(
+        weights.stat(), good
+    )  # stat looks the same
+    (folder / embedded.STAMP).write_text(json.dumps(stamp))
+    embedded.embedded_path("fake")
+    assert len(fake) == 1, "quick check must not hash a file whose stat is unchanged"
+    if how == "env":
+        monkeypatch.setenv("LAC_VERIFY_MODELS", "full")
+        embedded.embedded_path("fake")
+    else:
+        embedded.embedded_path("fake", verify="full")
+    assert len(fake) == 2
+    assert weights.read_bytes() == WEIGHTS
+
+
+def test_missing_file_is_reconverted(fake, tmp_path, caplog):
+    folder = embedded.embedded_path("fake")
+    (folder / "config.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="lac.embedded"):
+        embedded.embedded_path("fake")
+    assert len(fake) == 2
+    assert "config.json is missing (expected 2 bytes)" in caplog.text
+    assert (folder / "config.json").read_text() == "{}"
+
+
+def test_failed_reconversion_names_folder_to_delete(fake, tmp_path, monkeypatch):
+    folder = embedded.embedded_path("fake")
+    with open(folder / "weights.safetensors", "r+b") as f:
+        f.truncate(10)
+
+    def boom(gguf, out):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(embedded, "convert_gguf", boom)
+    with pytest.raises(EmbeddedModelError) as err:
+        embedded.embedded_path("fake")
+    msg = str(err.value)
+    assert f"delete {folder} " in msg
+    assert "No space left on device" in msg
+    assert f"weights.safetensors is 10 bytes, expected {len(WEIGHTS)}" in msg
+    assert isinstance(err.value.__cause__, OSError)
+    assert list(folder.parent.glob(".tmp-*")) == []
+
+
+def test_old_format_marker_is_reconverted(fake, tmp_path, caplog):
+    folder = embedded.embedded_path("fake")
+    marker = json.loads((folder / embedded.MARKER).read_text())
+    del marker["files"]  # as lac wrote it before file records existed
+    (folder / embedded.MARKER).write_text(json.dumps(marker))
+    with caplog.at_level(logging.WARNING, logger="lac.embedded"):
+        embedded.embedded_path("fake")
+    assert len(fake) == 2
+    assert str(folder) in caplog.text and "written by an older lac" in caplog.text
+    assert "weights.safetensors" in json.loads((folder / embedded.MARKER).read_text())["files"]
+
+
+def test_unknown_verify_mode_lists_allowed(fake, monkeypatch):
+    monkeypatch.setenv("LAC_VERIFY_MODELS", "paranoid")
+    with pytest.raises(EmbeddedModelError, match="'paranoid'.*quick, full"):
+        embedded.embedded_path("fake")
+
+
 # --- the real thing --------------------------------------------------------------------
 
 
@@ -273,6 +429,8 @@ def test_real_qwen_converts_and_loads():
     folder = embedded.embedded_path("qwen0.5")
     marker = json.loads((folder / embedded.MARKER).read_text())
     assert marker["sha256"] == embedded.QWEN_SHA256
+    assert marker["files"]["model.safetensors"]["size"] > 1e9
+    assert embedded._problem(folder, EMBEDDED["qwen0.5"], embedded.QWEN_SHA256, full=False) is None
     cfg = AutoConfig.from_pretrained(folder)
     assert (cfg.num_hidden_layers, cfg.hidden_size) == (24, 896)
     assert getattr(cfg, "quantization_config", None) is None
