@@ -16,17 +16,19 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lac import sites
 from lac.capture import CellCapture
 from lac.grid import Cell, Grid
+from lac.io import atomic_write
 from lac.models import LoadedModel
-from lac.prompts import PromptBook
+from lac.numerics import NUMERICS_VERSION
+from lac.prompts import PromptBook, user_message
 
 log = logging.getLogger("lac.cache")
 CAPTURE_VERSION = 1
@@ -52,7 +54,10 @@ def capture_key(lm: LoadedModel, grid: Grid) -> str:
         "attn": getattr(cfg, "_attn_implementation", None),
         "template": hashlib.sha256(str(getattr(lm.tokenizer, "chat_template", "")).encode()).hexdigest(),
         "grid": grid.content_hash(),
+        "message": user_message("{persona}", "{task}"),  # the prompt template lac fills in
+        "sites": [sites.SITES, sites._WINDOW_START, sites.REF_TOKENS, sites.WINDOW],
         "version": CAPTURE_VERSION,
+        "numerics": NUMERICS_VERSION,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -96,7 +101,12 @@ class ActivationCache:
             _MEMORY[(self.key, cap.cell.key)] = cap
             _MEMORY.move_to_end((self.key, cap.cell.key))
             if self.dir is not None and cap.cell.key in changed:
-                self._save(cap)
+                try:
+                    self._save(cap)
+                except OSError as e:  # optional: a full disk or a read-only cache never stops a job
+                    log.warning("activation cache: cannot write to %s (%s); this job continues without "
+                                "the on-disk cache", self.dir, e.strerror or e)
+                    self.dir = None
         while len(_MEMORY) > self.memory_cells:
             _MEMORY.popitem(last=False)
 
@@ -111,15 +121,7 @@ class ActivationCache:
             meta[f"logp_first.{role}"] = str(first)
         meta["sha256"] = _digest(tensors)
         meta["cell"] = cap.cell.key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{cap.cell.key}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, self._path(cap.cell))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(cap.cell), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def _load(self, cell: Cell, book: PromptBook) -> CellCapture | None:
         path = self._path(cell)

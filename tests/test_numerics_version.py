@@ -1,0 +1,65 @@
+"""The numerics version guards against stale results: numbers may not change while it stays the same."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lac import numerics
+
+
+def _diffs(got, want, path="") -> list[str]:
+    """Every place two fingerprints differ: ints and strings exactly, floats to rtol 1e-4 + atol 1e-7."""
+    if isinstance(want, float) or isinstance(got, float):
+        ok = math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7)
+        return [] if ok else [f"{path}: {got!r} != {want!r}"]
+    if isinstance(want, (list, dict)):
+        if type(got) is not type(want) or len(got) != len(want):
+            return [f"{path}: shape differs"]
+        keys = want.keys() if isinstance(want, dict) else range(len(want))
+        return [d for k in keys for d in _diffs(got[k], want[k], f"{path}/{k}")]
+    return [] if got == want else [f"{path}: {got!r} != {want!r}"]
+
+
+@pytest.fixture(scope="module")
+def current():
+    return numerics.fingerprint()
+
+
+def test_numbers_unchanged_or_version_bumped(current):
+    stored = numerics.stored()
+    assert stored["version"] == numerics.NUMERICS_VERSION, (
+        "NUMERICS_VERSION was bumped: regenerate the fingerprint with `python -m lac.numerics --write`")
+    diffs = _diffs(current, stored["fingerprint"])
+    assert not diffs, (
+        f"lac's numbers changed ({len(diffs)} values, first: {diffs[:3]}) but NUMERICS_VERSION is still "
+        f"{numerics.NUMERICS_VERSION}: bump it in lac/numerics.py and run `python -m lac.numerics --write`")
+
+
+def test_fingerprint_covers_every_intervention_site_and_generation(current):
+    from lac.interventions import INTERVENTIONS
+    from lac.sites import SITES
+
+    assert {r[1] for r in current["kl"]} == set(INTERVENTIONS)
+    assert {r[2] for r in current["kl"]} == set(SITES)
+    assert any(r[4] > 1e-3 for r in current["kl"])  # patches that change the output, not zeros
+    assert {g[1] for g in current["generations"]} == {"clean", "additive", "bare"}
+
+
+def test_a_change_of_numbers_is_caught(monkeypatch, current):
+    """A one-token shift of p_last's KL window (a plausible bug) changes the fingerprint."""
+    from lac import sites
+
+    monkeypatch.setitem(sites._WINDOW_START, "p_last", 1)
+    assert _diffs(numerics.fingerprint(), current)
+
+
+def test_job_and_capture_keys_carry_the_numerics_version(monkeypatch):
+    from lac.config import job_key
+    from tests.conftest import compose
+
+    cfg = compose(["tracker=none"])
+    before = job_key(cfg)
+    monkeypatch.setattr("lac.config.NUMERICS_VERSION", numerics.NUMERICS_VERSION + 1)
+    assert job_key(cfg) != before
