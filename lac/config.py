@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lac.errors import LacError
 from lac.grid import Grid, grid_from_mapping, load_grid
 from lac.interventions import INTERVENTIONS, Intervention, Job, get_intervention
-from lac.models import resolve_device, resolve_dtype
+from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
+from lac.numerics import NUMERICS_VERSION
 from lac.sites import SITES, check_sites
 
 MODES = ("kl", "markers")
 
 
-class ConfigError(ValueError):
+class ConfigError(LacError):
     """A config value lac cannot run with."""
 
 
@@ -41,12 +45,14 @@ class Spec:
 
 
 def n_layers_of(model_cfg: DictConfig) -> int:
-    """Depth from the model config (shipped configs state it; else the HF config, no weights)."""
+    """Depth from the model config (shipped configs state it; else its config.json, no weights)."""
     if model_cfg.get("n_layers"):
         return int(model_cfg.n_layers)
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(model_cfg.id).num_hidden_layers)
+    found = local_config(model_cfg)
+    if not found or "num_hidden_layers" not in found:
+        raise ConfigError(f"model {model_cfg.get('name')!r}: no n_layers in its config and no readable config.json "
+                          f"for {model_cfg.get('id')!r}; add n_layers: N to the model config")
+    return int(found["num_hidden_layers"])
 
 
 def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
@@ -67,6 +73,9 @@ def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
     for v in out:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(f"{what}={value!r}: layers are ints (or 'paper' / 'long'), got {v!r}")
+    dup = sorted({v for v in out if out.count(v) > 1})
+    if dup:
+        raise ConfigError(f"{what}={out}: layer {dup[0]} is given twice; each layer at most once")
     return out
 
 
@@ -107,11 +116,17 @@ def build_spec(cfg: DictConfig) -> Spec:
             raise ConfigError(f"engine.{name}={value!r}; allowed: an integer >= 1")
     n = n_layers_of(m)
     grid = load_grid_cfg(cfg)
-    sites = check_sites(cfg.site.sites)
+    try:
+        sites = check_sites(cfg.site.sites)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     layers = _layer_list(cfg.layer, m, "layer")
     _check_range(layers, n, "layer", m.name)
 
-    iv = get_intervention(cfg.intervention.name)
+    try:
+        iv = get_intervention(cfg.intervention.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     iv_layers = cfg.intervention.get("layers")
     jobs: list[Job] = []
     for site in sites:
@@ -134,10 +149,12 @@ def build_spec(cfg: DictConfig) -> Spec:
     _check_range(geometry, n, "geometry_layers", m.name)
 
     conditions = tuple(cfg.markers.conditions)
-    max_new = int(cfg.markers.max_new_tokens)
+    max_new = cfg.markers.max_new_tokens
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
+        raise ConfigError(f"markers.max_new_tokens={max_new!r}; allowed: an integer > 0 (the paper: 80)")
+    if not isinstance(cfg.get("rerun", False), bool):
+        raise ConfigError(f"rerun={cfg.get('rerun')!r}; allowed: true or false")
     if mode == "markers":
-        if max_new <= 0:
-            raise ConfigError(f"markers.max_new_tokens must be > 0, got {max_new}")
         if not grid.markers:
             raise ConfigError(f"mode=markers needs persona markers, and grid {grid.name!r} has none (use grid=markers or add a markers: section)")
         missing = [p for p in grid.personas if p not in grid.markers]
@@ -157,15 +174,52 @@ def build_spec(cfg: DictConfig) -> Spec:
     )
 
 
+def check_results_root(root: Any) -> Path:
+    """results_root must name a writable folder (made if absent): checked before any model loads."""
+    if root is None or not str(root).strip():
+        raise ConfigError("results_root is empty; give a folder, e.g. results_root=outputs/results")
+    path = Path(str(root)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"results_root={str(root)!r} is a file, not a folder; give a folder for the job store")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"results_root={str(root)!r} is not writable ({e.strerror or e}); give a folder you can write") from None
+    return path
+
+
+def preflight(cfg: DictConfig) -> Spec:
+    """Everything checkable without model weights: config, grid, tracker, results_root, the
+    model's availability and depth (its config.json). Used by a job and, for every job of a
+    multirun, before the first one starts."""
+    from lac.tracking import check_tracker
+
+    spec = build_spec(cfg)
+    check_tracker(cfg.tracker)
+    check_results_root(cfg.results_root)
+    check_model_available(cfg.model)
+    found = local_config(cfg.model)
+    depth = (found or {}).get("num_hidden_layers") or (found or {}).get("text_config", {}).get("num_hidden_layers")
+    if depth is not None and int(depth) != spec.n_layers:
+        raise ConfigError(f"{cfg.model.name}: its config.json says {depth} layers but model.n_layers={spec.n_layers}; "
+                          f"fix n_layers in the model config")
+    return spec
+
+
 # keys that change where or how a job runs, not what it computes
-_NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep_name", "engine")
+_NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep_name", "engine", "rerun")
 
 
 def job_key(cfg: DictConfig) -> str:
-    """Content key of a job: the resolved config minus launcher/output/tracking settings."""
+    """Content key of a job: the resolved config minus launcher/output/tracking settings, plus the
+    numerics version (a change to lac that alters numbers must not return stale results)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for k in _NOT_CONTENT:
         data.pop(k, None)
+    data["numerics"] = NUMERICS_VERSION
     data.get("model", {}).pop("device", None)
     iv = data.get("intervention", {})
     if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
@@ -174,4 +228,4 @@ def job_key(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-__all__ = ["SITES", "ConfigError", "Spec", "build_spec", "job_key", "load_grid_cfg"]
+__all__ = ["SITES", "ConfigError", "Spec", "build_spec", "check_results_root", "job_key", "load_grid_cfg", "preflight"]

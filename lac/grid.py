@@ -20,10 +20,12 @@ from typing import Any
 
 import yaml
 
+from lac.errors import LacError
+
 DATA_DIR = Path(__file__).parent / "data"
 
 
-class GridError(ValueError):
+class GridError(LacError):
     """A grid file or grid config that lac cannot use."""
 
 
@@ -80,6 +82,8 @@ _UniqueKeyLoader.add_constructor(
 def load_yaml(path: str | Path) -> Any:
     """Read YAML, refusing duplicate keys, with errors that name the file."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise GridError(f"grid file {str(path)!r} is a directory; give a YAML file (baseline, personas, tasks)")
     if not path.is_file():
         raise GridError(f"grid file not found: {str(path)!r}")
     try:
@@ -97,8 +101,10 @@ def load_yaml(path: str | Path) -> Any:
 def _text_map(data: Any, what: str, where: str) -> dict[str, str]:
     if not isinstance(data, Mapping) or not data:
         raise GridError(f"{where}: '{what}' must be a non-empty mapping key -> text, got {data!r}")
-    out = {}
+    out: dict[str, str] = {}
     for k, v in data.items():
+        if str(k) in out:
+            raise GridError(f"{where}: {what} keys {k!r} and {str(k)!r} collide once read as text; keys must be distinct strings")
         if not isinstance(v, str) or not v.strip():
             raise GridError(f"{where}: {what[:-1]} {k!r} is empty or not text: {v!r}")
         if "__" in str(k):
@@ -116,6 +122,13 @@ def grid_from_mapping(data: Any, name: str, where: str = "grid") -> Grid:
         raise GridError(f"{where}: missing 'baseline' with non-empty 'persona' and 'task' (got {base!r})")
     personas = _text_map(data.get("personas"), "personas", where)
     tasks = _text_map(data.get("tasks"), "tasks", where)
+    for what, items, baseline in (("persona", personas, base["persona"]), ("task", tasks, base["task"])):
+        same = [k for k, v in items.items() if v == str(baseline).strip()]
+        if same:
+            raise GridError(
+                f"{where}: {what} {same[0]!r} has the baseline {what}'s text {str(baseline).strip()!r}, so its "
+                f"delta is zero by construction; give it a different text or drop it"
+            )
     markers: dict[str, list[str]] = {}
     raw = data.get("markers") or {}
     if not isinstance(raw, Mapping):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import socket
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
+
+from lac.errors import LacError
 
 log = logging.getLogger("lac.models")
 
@@ -57,10 +66,10 @@ def check_head(lm: LoadedModel) -> None:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """torch dtype from its name, refusing names torch lacks."""
+    """torch dtype from its name: floating types only (residuals and log-probs are real numbers)."""
     dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    if str(name) not in DTYPES or not isinstance(dt, torch.dtype):
+        raise LacError(f"model.dtype={name!r} is not a float type lac runs in; allowed: {', '.join(DTYPES)}")
     return dt
 
 
@@ -73,9 +82,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        raise LacError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but torch sees no CUDA device")
+        raise LacError(f"device {name!r} asked for but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -102,9 +111,16 @@ def model_source(cfg) -> str:
     raise ValueError(f"unknown model.source {cfg.source!r}; allowed: hub, embedded")
 
 
+def load_tokenizer(cfg):
+    """The model's tokenizer alone: cheap, so prompt checks run before any weights load."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(cfg))
+
+
 def load_model(cfg) -> LoadedModel:
     """Load a model config (conf/model/*.yaml) in eval mode on its device and dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
@@ -115,7 +131,7 @@ def load_model(cfg) -> LoadedModel:
             cfg.name, cfg.dtype,
         )
     src = model_source(cfg)
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=dtype, attn_implementation=cfg.attn_implementation
     )
@@ -124,3 +140,75 @@ def load_model(cfg) -> LoadedModel:
     lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device)
     check_head(lm)
     return lm
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?")
+EMBEDDED_HINT = "models that work offline: model=qwen0.5, model=smollm2 (embedded)"
+
+
+def local_config(cfg) -> dict | None:
+    """The model's config.json read without weights or network: a local folder, the converted
+    embedded folder, or the Hugging Face cache. None when there is none yet."""
+    if cfg.source == "embedded":
+        from lac.embedded import cache_root, get_spec
+
+        spec = get_spec(cfg.embedded)
+        found = sorted((cache_root() / "models").glob(f"{spec.name}-*/config.json"))
+        path = found[-1] if found else None
+    elif Path(str(cfg.id)).expanduser().is_dir():
+        path = Path(str(cfg.id)).expanduser() / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(str(cfg.id), "config.json")
+        path = Path(hit) if isinstance(hit, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LacError(f"{cfg.name}: cannot read {path} ({e}); delete it so it is fetched again") from e
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub be opened within `timeout` (DNS included)?"""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def check_model_available(cfg) -> None:
+    """Fail in seconds, before any work, when a hub model can neither be read from disk nor
+    fetched (instead of transformers' minute of retries and a traceback)."""
+    if cfg.source != "hub":
+        return
+    mid = str(cfg.id)
+    if Path(mid).expanduser().is_dir():
+        if not (Path(mid).expanduser() / "config.json").is_file():
+            raise LacError(f"model.id={mid!r} is a folder without config.json; give a Hugging Face model folder or a hub id")
+        return
+    if not _HUB_ID.fullmatch(mid):
+        raise LacError(f"model.id={mid!r} is neither an existing folder nor a hub id (org/name); {EMBEDDED_HINT}")
+    if local_config(cfg) is not None:
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    if offline:
+        raise LacError(f"model {mid} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                       f"download it once where the hub is reachable, or use one of the {EMBEDDED_HINT}")
+    if not _reachable(endpoint):
+        raise LacError(f"model {mid} is not in the local Hugging Face cache and {endpoint} is unreachable "
+                       f"(HF_HUB_OFFLINE is unset); download it once where the hub is reachable, "
+                       f"or use one of the {EMBEDDED_HINT}")

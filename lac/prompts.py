@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lac.errors import LacError
 from lac.grid import Cell, Grid
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def user_message(persona: str | None, task: str) -> str:
     return task if persona is None else f"As {persona}, {task}"
 
 
-class PromptError(ValueError):
+class PromptError(LacError):
     """Grid text or a rendered prompt that would not be the plain user turn the paper measures."""
 
 

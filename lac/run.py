@@ -1,16 +1,23 @@
 """Hydra entry point: `python -m lac.run [overrides]`, `-m` for a multirun sweep.
 
-Thin by design: compose the config, hand it to lac.runner.run.
+Thin by design: compose the config, hand it to lac.runner.run. A user error
+(lac.errors.LacError) prints as one line, `lac: <message>`, exit code 2
+(HYDRA_FULL_ERROR=1 shows the traceback); in a multirun the failed job is
+reported and the sweep goes on (lac.multirun).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lac.errors import LacError
+from lac.multirun import full_error, record_failure
 from lac.paths import conf_dir
 from lac.runner import run
 
@@ -20,7 +27,17 @@ CONF = conf_dir()  # the repo's conf/ in a checkout, the packaged lac/conf in a 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("lac").setLevel(logging.INFO)
-    run(cfg, job_dir=HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    try:
+        run(cfg, job_dir=hc.runtime.output_dir)
+    except Exception as e:
+        if hc.mode == RunMode.MULTIRUN:
+            record_failure(hc, e)
+            return
+        if isinstance(e, LacError) and not full_error():
+            print(f"lac: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

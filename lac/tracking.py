@@ -101,6 +101,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from lac.errors import LacError
+
 log = logging.getLogger("lac.tracking")
 
 TRACKERS = ("wandb", "none")
@@ -118,7 +120,7 @@ _STATS_GEO = ("median", "p25", "p75")
 _online_failed = False
 
 
-class TrackerError(ValueError):
+class TrackerError(LacError):
     """A tracker config that cannot work; raised before any work starts."""
 
 
