@@ -9,11 +9,12 @@ a finished folder is recognised by its `done.json`, written last.
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import pandas as pd
 
+from lac.io import atomic_write_bytes, atomic_write_json, locked
 from lac.metrics import summarize as cell_stats
 from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
 
@@ -32,44 +34,6 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(list(rows), columns=[c for c in COLUMNS if c != "schema"])
     df["schema"] = SCHEMA_VERSION
     return df.astype(COLUMNS)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
@@ -130,21 +94,62 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class JobStore:
-    """The stable folder of one job key: parts, final files, and a lock against twin jobs."""
+def parquet_bytes(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
 
-    def __init__(self, root: Path, key: str):
-        self.dir = Path(root) / key
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checked(path: Path, sha256: str | None) -> bytes:
+    """A file's bytes if its SHA-256 is the one recorded with it; ValueError otherwise."""
+    data = Path(path).read_bytes()
+    if sha256 is None or _sha(data) != sha256:
+        raise ValueError(f"checksum mismatch (recorded {str(sha256)[:12]}, found {_sha(data)[:12]})")
+    return data
+
+
+class JobStore:
+    """The stable folder of one job key: parts, final files, and a lock against twin jobs.
+
+    Every part and final file is written with its SHA-256 (in the part's record,
+    in done.json); a file that fails its checksum or cannot be read is dropped
+    with a warning and its cells recomputed, never used. A finished job whose
+    final files are bad is rebuilt from its parts. `staging=True` is the folder a
+    `rerun=true` job computes into; `publish` swaps it in for the old results.
+    """
+
+    def __init__(self, root: Path, key: str, *, staging: bool = False):
+        self.root = Path(root)
         self.key = key
+        self.final_dir = self.root / key
+        self.dir = self.root / f".rerun-{key}" if staging else self.final_dir
         self.parts = self.dir / "parts"
 
     @property
     def done(self) -> bool:
-        return (self.dir / "done.json").is_file() and (self.dir / "results.parquet").is_file()
+        """Finished, with final files that pass their checksums (else they are removed: rebuild)."""
+        record = self.dir / "done.json"
+        if not record.is_file():
+            return False
+        try:
+            info = json.loads(record.read_text())
+            for name, sha in info["files"].items():
+                read_checked(self.dir / name, sha)
+            pd.read_parquet(self.dir / "results.parquet")
+            return True
+        except Exception as e:
+            log.warning("finished job %s has a bad final file (%s: %s); rebuilding it from its parts",
+                        self.dir, type(e).__name__, e)
+            for name in ("done.json", "results.parquet", "summary.json", "generations.jsonl"):
+                (self.dir / name).unlink(missing_ok=True)
+            return False
 
     def claim(self, config: dict[str, Any]) -> None:
         """Bind the folder to this key's config; refuse a folder written for another config."""
-        self.parts.mkdir(parents=True, exist_ok=True)
         own = self.dir / "config.json"
         if own.is_file():
             found = json.loads(own.read_text())
@@ -153,49 +158,79 @@ class JobStore:
                     f"results folder {self.dir} belongs to config key {found.get('key')!r}, not {self.key!r}; "
                     "refusing to overwrite it (choose another results_root or remove the folder)"
                 )
-        else:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not own.is_file():
             atomic_write_json(own, {"key": self.key, "config": config})
+
+    def discard_if_empty(self) -> None:
+        """A job that failed before computing anything leaves no folder behind."""
+        if self.dir.is_dir() and not (self.dir / "done.json").exists() and not any(self.parts.glob("*.parquet")):
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive for the job's lifetime: a twin job waits, then finds the work done."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """Exclusive for the job's lifetime: a twin job waits (and says so), then finds the work done.
+        The lock file lives outside the job folder, so publishing a rerun cannot move it."""
+        with locked(self.root / ".locks" / f"{self.key}.lock", what=f"job {self.key}"):
+            yield
 
     def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]], set[str]]:
-        """Rows, generation records and cell keys of every readable part; unreadable ones are dropped."""
+        """Rows, generation records and cell keys of every part that passes its checksum."""
         frames, gens, cells = [], [], set()
         for p in sorted(self.parts.glob("*.parquet")):
             meta = p.with_suffix(".json")
             try:
                 info = json.loads(meta.read_text())
-                df = pd.read_parquet(p)
+                df = pd.read_parquet(io.BytesIO(read_checked(p, info.get("sha256"))))
                 if set(df.columns) != set(COLUMNS) or info.get("rows") != len(df):
                     raise ValueError("columns or row count do not match its record")
             except Exception as e:  # a part we cannot trust is recomputed, never used
-                log.warning("dropping unreadable result part %s (%s); its cells will be recomputed", p.name, e)
+                log.warning("dropping unreadable result part %s (%s); its cells will be recomputed", p, e)
                 p.unlink(missing_ok=True)
                 meta.unlink(missing_ok=True)
                 continue
             frames.append(df)
             gens.extend(info.get("generations", []))
             cells.update(info["cells"])
+        for meta in self.parts.glob("*.json"):  # a record whose parquet never landed
+            if not meta.with_suffix(".parquet").exists():
+                meta.unlink(missing_ok=True)
         df = pd.concat(frames, ignore_index=True) if frames else frame([])
         return df, gens, cells
 
     def write_part(self, name: str, df: pd.DataFrame, cells: list[str], generations: list[dict] | None = None) -> None:
-        """Parquet first, then its record: a part without a record is not trusted."""
-        atomic_write_parquet(self.parts / f"{name}.parquet", df)
-        atomic_write_json(self.parts / f"{name}.json", {"cells": cells, "rows": len(df), "generations": generations or []})
+        """Parquet first, then its record with the parquet's SHA-256: a part without a record is not trusted."""
+        data = parquet_bytes(df)
+        atomic_write_bytes(self.parts / f"{name}.parquet", data)
+        atomic_write_json(self.parts / f"{name}.json",
+                          {"cells": cells, "rows": len(df), "sha256": _sha(data), "generations": generations or []})
 
     def finish(self, df: pd.DataFrame, summary: dict[str, Any], generations: list[dict]) -> None:
-        atomic_write_parquet(self.dir / "results.parquet", df)
-        atomic_write_json(self.dir / "summary.json", summary)
+        """Final files, then done.json with their checksums, written last."""
+        files = {"results.parquet": parquet_bytes(df),
+                 "summary.json": (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode()}
         if generations:
-            atomic_write_text(self.dir / "generations.jsonl", "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
-        atomic_write_json(self.dir / "done.json", {"key": self.key, "rows": len(df)})
+            files["generations.jsonl"] = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations).encode()
+        for name, data in files.items():
+            atomic_write_bytes(self.dir / name, data)
+        atomic_write_json(self.dir / "done.json", {"key": self.key, "rows": len(df),
+                                                   "files": {n: _sha(d) for n, d in files.items()}})
+
+    def publish(self) -> None:
+        """Swap a finished staging folder in for the old results (rerun=true). Between the two
+        renames no folder holds the key, so a crash there means recompute, never stale results."""
+        if self.dir == self.final_dir:
+            return
+        old = self.root / f".old-{self.key}-{os.getpid()}"
+        if self.final_dir.exists():
+            os.replace(self.final_dir, old)
+        os.replace(self.dir, self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.dir, self.parts = self.final_dir, self.final_dir / "parts"
+
+    def tracked(self, run_id: str) -> bool:
+        return (self.dir / "tracked" / f"{run_id}.json").is_file()
+
+    def mark_tracked(self, run_id: str, where: str | None) -> None:
+        """Written once the job's W&B run is finished: a rerun logs any run that is not marked."""
+        atomic_write_json(self.dir / "tracked" / f"{run_id}.json", {"run_id": run_id, "where": where})

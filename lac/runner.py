@@ -16,36 +16,69 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import lac
 from lac.cache import ActivationCache
 from lac.capture import CellCapture, capture_cells
-from lac.config import Spec, build_spec, job_key
+from lac.config import ConfigError, Spec, job_key, preflight
 from lac.engine import Row, eos_ids, greedy
 from lac.grid import Cell
 from lac.interventions import get_intervention, kl_records, roles_needed
+from lac.io import atomic_write_bytes
 from lac.markers import score
 from lac.metrics import geometry
 from lac.models import LoadedModel, load_model
 from lac.prefix import Want, prefix_traces
 from lac.prompts import PromptBook
-from lac.results import JobStore, atomic_write_bytes, format_table, frame, summarize
+from lac.results import JobStore, format_table, frame, summarize
 from lac.schema import DECOMPOSITION, SCHEMA_VERSION
+from lac.sites import REF_TOKENS
 
 log = logging.getLogger("lac")
 _MODEL: dict[str, LoadedModel] = {}  # one model kept across the jobs of a process
 
 
+def _model_key(mcfg: DictConfig) -> str:
+    return json.dumps(OmegaConf.to_container(mcfg, resolve=True), sort_keys=True)
+
+
 def get_model(mcfg: DictConfig) -> LoadedModel:
-    key = json.dumps(OmegaConf.to_container(mcfg, resolve=True), sort_keys=True)
+    key = _model_key(mcfg)
     if key not in _MODEL:
         _MODEL.clear()
         t0 = time.time()
         _MODEL[key] = load_model(mcfg)
         log.info("loaded %s (%s, %s) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype, time.time() - t0)
     return _MODEL[key]
+
+
+def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
+    """The job's model, after the checks that need only its tokenizer and config: grid text
+    that is no chat-control token, prompts that fit the context, a memory estimate that fits."""
+    from lac.budget import check_budget
+    from lac.models import load_tokenizer
+    from lac.prompts import check_grid_text, check_prompt_lengths
+
+    lm = _MODEL.get(_model_key(cfg.model))
+    tok = lm.tokenizer if lm else load_tokenizer(cfg.model)
+    check_grid_text(tok, spec.grid, cfg.model.name)
+    book = PromptBook(tok, spec.grid)
+    roles = ("BB", "XB", "BY", "XY", "bare")
+    prompts = [(f"{c.key} {r}", book.get(c, r)) for c in spec.grid.cells() for r in roles]
+    extra = spec.max_new_tokens if spec.mode == "markers" else REF_TOKENS
+    check_budget(cfg, spec, [p for _, p in prompts], extra, loaded=lm is not None)
+    check_prompt_lengths(prompts, _max_positions(cfg.model, tok), extra, cfg.model.name)
+    return lm or get_model(cfg.model)
+
+
+def _max_positions(mcfg: DictConfig, tok) -> int:
+    from lac.models import local_config
+
+    found = local_config(mcfg) or {}
+    return int(found.get("max_position_embeddings") or getattr(tok, "model_max_length", 0) or 1 << 30)
 
 
 def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric: str, value: float, ctx: dict) -> dict:
@@ -234,55 +267,107 @@ def _copy_into(job_dir: Path, store: JobStore) -> None:
             atomic_write_bytes(job_dir / name, src.read_bytes())
 
 
-def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
-    """One job end to end; returns its summary. Re-running a finished job loads no model."""
-    from lac.tracking import check_tracker, run_id_for, start_tracker
+def provenance() -> dict[str, Any]:
+    """What produced a job's numbers: lac, its numerics version, the git commit of a checkout, libraries."""
+    import subprocess
 
-    spec = build_spec(cfg)  # every user error surfaces here, before any model loads
-    check_tracker(cfg.tracker)
-    key = job_key(cfg)
-    job_dir = Path(job_dir or ".")
-    store = JobStore(Path(cfg.results_root), key)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    t0 = time.time()
-    with store.lock():
-        if store.done:
-            log.info("job %s already finished in %s: reusing its results", key, store.dir)
-            _copy_into(job_dir, store)
-            summary = json.loads((store.dir / "summary.json").read_text())
-            print(format_table(summary["summary"]))
-            return summary
-        store.claim(config)
-        _, _, done_cells = store.read_parts()
-        cells = [c for c in spec.grid.cells() if c.key not in done_cells]
-        if done_cells:
-            log.info("resuming job %s: %d cells done, %d to go", key, len(done_cells), len(cells))
-        ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
-        if cells:
-            lm = get_model(cfg.model)
-            if lm.n_layers != spec.n_layers:
-                raise ValueError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
-            torch.manual_seed(0)
-            _predict(lm, spec, cells, store, cfg, ctx)
-        df, gens, got = store.read_parts()
-        missing = {c.key for c in spec.grid.cells()} - got
-        if missing:
-            raise RuntimeError(f"job {key} is missing cells after the run: {sorted(missing)}")
-        df = df.sort_values(["metric", "intervention", "site", "layer", "layers", "cell"], kind="stable").reset_index(drop=True)
-        summary = {
-            "lac_version": lac.__version__, "schema": SCHEMA_VERSION, "key": key,
-            "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
-        }
-        store.finish(df, summary, gens)
-    _copy_into(job_dir, store)
-    tracker = start_tracker(cfg.tracker, run_id=run_id_for(key, cfg.tracker), config=config,
-                            run_dir=job_dir, name=f"{cfg.model.name}-{spec.grid.name}-{key[:8]}")
+    import transformers
+
+    from lac.numerics import NUMERICS_VERSION
+
+    out: dict[str, Any] = {"lac_version": lac.__version__, "numerics_version": NUMERICS_VERSION,
+                           "torch": torch.__version__, "transformers": transformers.__version__, "git_commit": None}
+    repo = Path(lac.__file__).resolve().parent.parent
+    if (repo / ".git").exists():
+        try:
+            git = ["git", "-C", str(repo)]
+            head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5)
+            if head.returncode == 0:
+                out["git_commit"] = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dict, t0: float):
+    """Resume or start the job's cells in `store` and write its final files; returns (summary, df, gens)."""
+    store.claim(config)
+    _, _, done_cells = store.read_parts()
+    cells = [c for c in spec.grid.cells() if c.key not in done_cells]
+    if done_cells:
+        log.info("resuming job %s: %d cells done, %d to go", key, len(done_cells), len(cells))
+    ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
+    if cells:
+        lm = prepare_model(cfg, spec)
+        if lm.n_layers != spec.n_layers:
+            raise ConfigError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
+        torch.manual_seed(0)
+        _predict(lm, spec, cells, store, cfg, ctx)
+    df, gens, got = store.read_parts()
+    missing = {c.key for c in spec.grid.cells()} - got
+    if missing:
+        raise RuntimeError(f"job {key} is missing cells after the run: {sorted(missing)}")
+    df = df.sort_values(["metric", "intervention", "site", "layer", "layers", "cell"], kind="stable").reset_index(drop=True)
+    summary = {
+        **provenance(), "schema": SCHEMA_VERSION, "key": key,
+        "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
+    }
+    store.finish(df, summary, gens)
+    return summary, df, gens
+
+
+def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str, config: dict) -> None:
+    """Log the job's W&B run unless this store already holds a finished one for this run id
+    (a job killed after its results were safe, or a twin that waited on the lock, logs it now)."""
+    from lac.tracking import start_tracker
+
+    if store.tracked(run_id):
+        return
+    df = pd.read_parquet(store.dir / "results.parquet")
+    summary = json.loads((store.dir / "summary.json").read_text())
+    gens_file = store.dir / "generations.jsonl"
+    gens = [json.loads(line) for line in gens_file.read_text().splitlines()] if gens_file.is_file() else []
+    tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
     try:
         tracker.log_results(df, summary["summary"])
         if gens:
             tracker.log_generations(gens)
     finally:
         tracker.finish()
+    if tracker.mode in ("online", "offline"):
+        store.mark_tracked(run_id, tracker.url_or_dir)
+
+
+def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
+    """One job end to end; returns its summary. Re-running a finished job loads no model;
+    `rerun=true` recomputes it and swaps the new results in atomically."""
+    from lac.tracking import run_id_for
+
+    spec = preflight(cfg)  # every user error surfaces here, before any model loads
+    key = job_key(cfg)
+    job_dir = Path(job_dir or ".")
+    rerun = bool(cfg.get("rerun", False))
+    final = JobStore(Path(cfg.results_root), key)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    t0 = time.time()
+    with final.lock():
+        if not rerun and final.done:
+            log.info("job %s already finished in %s: reusing its results", key, final.dir)
+            summary = json.loads((final.dir / "summary.json").read_text())
+        else:
+            store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
+            if rerun:
+                log.info("rerun=true: recomputing job %s in %s", key, store.dir)
+            try:
+                summary, _, _ = _compute(cfg, spec, store, key, config, t0)
+            except BaseException:
+                store.discard_if_empty()
+                raise
+            store.publish()
+        _copy_into(job_dir, final)
+        _track(cfg, final, run_id_for(key, cfg.tracker), job_dir, f"{cfg.model.name}-{spec.grid.name}-{key[:8]}", config)
     print(format_table(summary["summary"]))
-    log.info("results: %s (job store %s)", job_dir.resolve(), store.dir)
+    log.info("results: %s (job store %s)", job_dir.resolve(), final.dir)
     return summary
