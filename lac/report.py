@@ -16,7 +16,13 @@ numpy's default (linear) percentiles, as in the paper. This module never loads a
 model: it imports neither torch nor transformers, so it runs anywhere the
 results can be copied to.
 
-Exit codes: 0 done; 2 no results under the paths; 3 results refused (schema).
+A results.parquet that cannot be read at all (truncated, empty, not parquet) is
+skipped with a warning naming it, and the report is built from the others; one
+that reads but carries another schema is refused (exit 3), as before: its rows
+mean something else, so a report without them would be silently partial.
+
+Exit codes: 0 done; 2 no results under the paths (or none of them readable);
+3 results refused (schema).
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import yaml
 
 import lac
@@ -70,6 +78,26 @@ LEGEND = (
 
 class SchemaError(ValueError):
     """Results written under a schema this report does not read."""
+
+
+class UnreadableResultsWarning(UserWarning):
+    """A results.parquet that could not be read was left out of the report."""
+
+
+class NoReadableResults(RuntimeError):
+    """Every results.parquet found was unreadable: nothing to build a report from."""
+
+    def __init__(self, unreadable: Sequence[tuple[Path, str]]):
+        self.unreadable = list(unreadable)
+        listed = "; ".join(f"{f} ({why})" for f, why in self.unreadable)
+        super().__init__(
+            f"none of the {len(self.unreadable)} results file(s) found is readable: {listed}"
+        )
+
+
+# what reading a file that is not (or no longer) a whole parquet file raises: ArrowInvalid
+# (a ValueError) for a missing footer or an empty file, OSError for corrupt pages or no access
+UNREADABLE_ERRORS = (OSError, ValueError, pa.ArrowException)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -138,13 +166,22 @@ def read_summary(job_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_results(job_dirs: Sequence[Path]) -> pd.DataFrame:
+def load_results(
+    job_dirs: Sequence[Path],
+    on_unreadable: Callable[[Path, str], None] | None = None,
+) -> pd.DataFrame:
     """One tidy table from all jobs; refuses any job not written under SCHEMA_VERSION.
 
     Refusing (rather than coercing) is the point: a schema change means the rows
     mean something else, and a silently mixed report would be wrong.
+
+    A results.parquet that cannot be read (truncated, empty, garbage) is skipped:
+    `on_unreadable(path, reason)` is called for it (default: an
+    UnreadableResultsWarning naming it). If every file is unreadable,
+    NoReadableResults is raised.
     """
     frames = []
+    unreadable: list[tuple[Path, str]] = []
     for d in job_dirs:
         f = Path(d) / RESULTS_FILE
         summary = read_summary(Path(d)) or {}
@@ -156,7 +193,20 @@ def load_results(job_dirs: Sequence[Path]) -> pd.DataFrame:
                 f"{Path(d) / SUMMARY_FILE}: schema {summary['schema']!r}{written_by}; "
                 f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
             )
-        df = pd.read_parquet(f)
+        try:
+            df = pd.read_parquet(f)
+        except UNREADABLE_ERRORS as e:
+            why = f"{type(e).__name__}: {e}"
+            unreadable.append((f, why))
+            if on_unreadable is None:
+                warnings.warn(
+                    f"skipped unreadable results file {f} ({why})",
+                    UnreadableResultsWarning,
+                    stacklevel=2,
+                )
+            else:
+                on_unreadable(f, why)
+            continue
         if "schema" not in df.columns:
             raise SchemaError(
                 f"{f}: no 'schema' column{written_by}; "
@@ -173,6 +223,8 @@ def load_results(job_dirs: Sequence[Path]) -> pd.DataFrame:
         if missing:
             raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
         frames.append(df[list(COLUMNS)])
+    if unreadable and not frames:
+        raise NoReadableResults(unreadable)
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
     out = pd.concat(frames, ignore_index=True).astype(COLUMNS)
@@ -1042,18 +1094,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in found.missing:
         print(f"lac.report: warning: {p} does not exist", file=err)
 
+    unreadable: list[Path] = []
+
+    def skip(f: Path, why: str) -> None:
+        unreadable.append(f)
+        print(f"lac.report: warning: skipped unreadable results file {f} ({why})", file=err)
+
     try:
-        df = load_results(found.jobs)
+        df = load_results(found.jobs, on_unreadable=skip)
     except SchemaError as e:
         print(f"lac.report: refused: {e}", file=err)
         return EXIT_REFUSED
+    except NoReadableResults as e:
+        print(f"lac.report: no readable results: {e}", file=err)
+        return EXIT_NO_RESULTS
+    jobs = [d for d in found.jobs if Path(d) / RESULTS_FILE not in unreadable]
     df, n_dup = drop_duplicate_rows(df)
     if df.empty:
-        print(f"lac.report: {len(found.jobs)} job dir(s) found but they hold no rows", file=err)
+        print(f"lac.report: {len(jobs)} job dir(s) found but they hold no rows", file=err)
         return EXIT_NO_RESULTS
 
     print(
-        f"lac.report: {len(found.jobs)} job dir(s), {len(df)} rows, {len(found.incomplete)} incomplete"
+        f"lac.report: {len(jobs)} job dir(s), {len(df)} rows, {len(found.incomplete)} incomplete"
+        + (f", {len(unreadable)} unreadable results file(s) skipped" if unreadable else "")
     )
     if n_dup:
         print(
@@ -1066,13 +1129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = build_tables(df)
     header = [
-        f"lac {lac.__version__}, schema {SCHEMA_VERSION}. {len(found.jobs)} job dir(s), "
+        f"lac {lac.__version__}, schema {SCHEMA_VERSION}. {len(jobs)} job dir(s), "
         f"{len(df)} rows, {len(found.incomplete)} incomplete job dir(s).",
         "",
         "Searched: " + ", ".join(f"`{p}`" for p in found.searched),
     ]
     if found.incomplete:
         header += ["", "Incomplete: " + ", ".join(f"`{d}`" for d in found.incomplete)]
+    if unreadable:
+        header += ["", "Skipped (unreadable): " + ", ".join(f"`{f}`" for f in unreadable)]
 
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
@@ -1102,7 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker=_tracker_config(found.jobs),
             config={
                 "paths": [str(p) for p in found.searched],
-                "n_jobs": len(found.jobs),
+                "n_jobs": len(jobs),
                 "lac_version": lac.__version__,
                 "schema": SCHEMA_VERSION,
             },
@@ -1121,8 +1186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lac_version": lac.__version__,
         "schema": SCHEMA_VERSION,
         "searched": [str(p) for p in found.searched],
-        "job_dirs": [str(d) for d in found.jobs],
+        "job_dirs": [str(d) for d in jobs],
         "incomplete": [str(d) for d in found.incomplete],
+        "unreadable": [str(f) for f in unreadable],
         "written": written,
     }
     write_text(json.dumps(manifest, indent=2) + "\n", out / REPORT_MARKER)

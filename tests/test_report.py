@@ -7,6 +7,7 @@ median / IQR can be checked against numpy directly.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -551,6 +552,85 @@ def test_summary_schema_mismatch_is_refused(tmp_path: Path):
     d = write_job(tmp_path / "j", sweep_frame("m", OTHER, "short"), {"schema": 7})
     with pytest.raises(report.SchemaError, match=r"schema 7.*reads schema 1"):
         report.load_results([d])
+
+
+# --------------------------------------------------------------------------- unreadable files
+
+
+def spoil(f: Path, how: str) -> Path:
+    """Make a results.parquet unreadable the way a crash, a full disk or a bad copy does."""
+    if how == "garbage":
+        f.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "empty":
+        f.write_bytes(b"")
+    return f
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "empty"])
+def test_unreadable_results_file_is_skipped_with_a_warning(tmp_path: Path, capsys, how: str):
+    root = tmp_path / "results"
+    good = sweep_frame("m", OTHER, "short")
+    write_job(root / "0", good)
+    write_job(root / "1", sweep_frame("m", OTHER, "long", layers=(6, 13, 17), seed=50))
+    bad = spoil(
+        write_job(root / "2", sweep_frame("m", OTHER, "short", seed=9)) / "results.parquet", how
+    )
+    long_rows = len(pd.read_parquet(root / "1" / "results.parquet"))
+
+    assert report.main([str(root)]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipped unreadable results file {bad.resolve()}" in err
+    assert "2 job dir(s)" in out and "1 unreadable results file(s) skipped" in out
+    pooled = pd.read_parquet(root / "report" / "results.parquet")
+    assert len(pooled) == len(good) + long_rows  # the good jobs, all of them, nothing else
+    assert set(pooled["grid"]) == {"short", "long"}
+    manifest = json.loads((root / "report" / "report.json").read_text())
+    assert manifest["unreadable"] == [str(bad.resolve())]
+    assert sorted(Path(d).name for d in manifest["job_dirs"]) == ["0", "1"]
+    assert f"Skipped (unreadable): `{bad.resolve()}`" in (root / "report" / "tables.md").read_text()
+
+    # the library call warns with the path too, and still returns the good rows
+    with pytest.warns(report.UnreadableResultsWarning, match=re.escape(str(bad))):
+        df = report.load_results([root / "0", root / "2", root / "1"])
+    assert len(df) == len(good) + long_rows
+
+
+def test_no_readable_results_file_is_a_clear_error(tmp_path: Path, capsys):
+    bad = [
+        spoil(
+            write_job(tmp_path / str(k), sweep_frame("m", OTHER, "short")) / "results.parquet", how
+        )
+        for k, how in enumerate(["garbage", "truncated", "empty"])
+    ]
+    assert report.main([str(tmp_path)]) == report.EXIT_NO_RESULTS
+    err = capsys.readouterr().err
+    assert "no readable results: none of the 3 results file(s) found is readable" in err
+    for f in bad:
+        assert f"skipped unreadable results file {f.resolve()}" in err
+    assert not (tmp_path / "report").exists()
+    with (
+        pytest.raises(report.NoReadableResults) as e,
+        pytest.warns(report.UnreadableResultsWarning),
+    ):
+        report.load_results([f.parent for f in bad])
+    assert [f for f, _ in e.value.unreadable] == bad
+
+
+def test_readable_file_with_a_wrong_schema_is_still_refused_beside_an_unreadable_one(
+    tmp_path: Path, capsys
+):
+    """Unreadable means not parquet at all; a file that reads but means something else is
+    refused (exit 3) as before, whatever else is skipped."""
+    df = sweep_frame("m", OTHER, "short")
+    write_job(tmp_path / "ok" / "0", df)
+    spoil(write_job(tmp_path / "bad" / "0", df) / "results.parquet", "truncated")
+    write_job(tmp_path / "new" / "0", df.assign(schema=SCHEMA_VERSION + 1))
+    assert report.main([str(tmp_path)]) == report.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "skipped unreadable results file" in err and "refused" in err
+    assert not (tmp_path / "report" / "results.parquet").exists()
 
 
 def test_report_never_imports_torch_or_transformers():
