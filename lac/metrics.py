@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 EPS = 1e-9  # in every denominator, as the paper
@@ -32,7 +31,8 @@ def geometry(h_bb: torch.Tensor, h_xb: torch.Tensor, h_by: torch.Tensor, h_xy: t
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Median, 25th/75th percentile (numpy's default interpolation), min, max over cells."""
-    v = np.asarray(values, dtype=float)
-    p25, med, p75 = np.percentile(v, [25, 50, 75])
-    return {"median": float(med), "p25": float(p25), "p75": float(p75), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+    """Median, 25th/75th percentile (numpy's default interpolation), min, max over cells
+    (lac.stats.describe: the one place medians and IQRs are computed)."""
+    from lac.stats import describe
+
+    return describe(values)

@@ -23,8 +23,9 @@ from typing import Any
 import pandas as pd
 
 from lac.io import atomic_write_bytes, atomic_write_json, locked
-from lac.metrics import summarize as cell_stats
 from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
+from lac.stats import describe as cell_stats
+from lac.stats import layers_key
 
 log = logging.getLogger("lac.results")
 
@@ -40,7 +41,9 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     """Medians/IQRs over cells per metric x site x layer(s) x intervention; marker rates."""
     out: dict[str, Any] = {"kl": [], "geometry": [], "markers": {}}
     kl = df[df.metric == "kl"]
-    for (site, layers, iv), g in kl.groupby(["site", "layers", "intervention"], sort=True):
+    groups = sorted(kl.groupby(["site", "layers", "intervention"], sort=False),
+                    key=lambda t: (t[0][0], layers_key(t[0][1]), t[0][2]))  # layers as numbers: 6 < 10
+    for (site, layers, iv), g in groups:
         out["kl"].append({"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy())})
     geo = df[df.intervention == DECOMPOSITION]
     for (metric, site, layer), g in geo.groupby(["metric", "site", "layer"], sort=True):
@@ -82,7 +85,7 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary.get("kl"):
         lines.append(f"{'site':<12} {'layers':<10} {'intervention':<14} {'KL median [p25, p75]':<28} "
                      f"{'cos(dXY,dX+dY)':>14} {'cos(dX,dY)':>10} {'|I|/|dXY|':>9}")
-        for r in summary["kl"]:
+        for r in sorted(summary["kl"], key=lambda r: (r["site"], layers_key(r["layers"]), r["intervention"])):
             g = [geo.get((r["site"], r["layers"], m)) for m in ("cos_xy_sum", "cos_x_y", "inter_ratio")]
             gs = " ".join(f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}" for v, w in zip(g, (14, 10, 9), strict=True))
             kl = f"{r['median']:.4f} [{r['p25']:.4f}, {r['p75']:.4f}]"
