@@ -15,14 +15,21 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 ROLES = ("BB", "XB", "BY", "XY")  # the 2x2 of a cell: (persona, task) each baseline or not
+LY = "LY"  # length-matched baseline: XY with X's span tokens replaced (METHOD.md, "Spans ...")
+DEFAULT_FILLER = " who thinks things over calmly and plainly"
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids of one rendered prompt and its user-turn end (site p_user_last)."""
+    """Token ids of one rendered prompt and its user-turn end (site p_user_last).
+
+    span: token positions [start, end) of the persona text in `ids` (None: no persona, or
+    not computed). A token straddling the persona's first or last character belongs to it.
+    """
 
     ids: tuple[int, ...]
     p_user_last: int
+    span: tuple[int, int] | None = None
 
     @property
     def p_last(self) -> int:
@@ -118,11 +125,13 @@ def _template_specials(tokenizer: PreTrainedTokenizerBase) -> tuple[frozenset[in
     return entry[1], entry[2]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, message: str) -> Prompt:
+def encode(tokenizer: PreTrainedTokenizerBase, message: str, persona: str | None = None) -> Prompt:
     """Render one user turn with the model's template; BOS comes from the template itself.
 
     Defence in depth behind check_grid_text: the ids must hold exactly the template's own
     special tokens (as rendered for a neutral placeholder), else the message injected some.
+    With `persona` (its text, which the message holds) the prompt carries the persona's
+    token span (see persona_span); ids and p_user_last are the same either way.
     """
     ids, n_head = _render(tokenizer, message)
     if not ids or n_head < 1 or n_head > len(ids):
@@ -140,7 +149,60 @@ def encode(tokenizer: PreTrainedTokenizerBase, message: str) -> Prompt:
             f"(extra: {names(extra)}; missing: {names(missing)}) for tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '?')!r}; {PLAIN_TEXT}."
         )
-    return Prompt(tuple(ids), n_head - 1)
+    if persona is None:
+        return Prompt(tuple(ids), n_head - 1)
+    return Prompt(tuple(ids), n_head - 1, persona_span(tokenizer, message, persona, ids, n_head - 1))
+
+
+def _tok_name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def _persona_offset(message: str, persona: str) -> int:
+    """Character offset of the persona in the message: where user_message puts it, else its first occurrence."""
+    pre = user_message("\0", "").split("\0")[0]  # "As "
+    if message.startswith(pre + persona):
+        return len(pre)
+    return message.find(persona)
+
+
+def persona_span(
+    tokenizer: PreTrainedTokenizerBase, message: str, persona: str, ids, p_user_last: int
+) -> tuple[int, int]:
+    """Token positions [start, end) of `persona` inside the rendered `message` (ids as encode gives).
+
+    The message is located in the text the chat template renders (its last occurrence inside the
+    user turn); the persona's character range maps to tokens through the fast tokenizer's offset
+    mapping. Every token overlapping that range is in the span, so a token merging the persona's
+    first letters with the preceding space (" Marx") or its last ones with what follows belongs to it.
+    """
+    where = f"persona {persona!r} (tokenizer {_tok_name(tokenizer)})"
+    if not persona:
+        raise PromptError(f"empty persona text has no span; {where}")
+    p0 = _persona_offset(message, persona)
+    if p0 < 0:
+        raise PromptError(f"{where} does not occur in its message {message!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise PromptError(f"persona spans need a fast tokenizer (offset mapping); {where} is slow")
+    chat = [{"role": "user", "content": message}]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    head = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=False)
+    m0 = head.rfind(message) if text.startswith(head) else text.rfind(message)
+    if m0 < 0:
+        raise PromptError(
+            f"the chat template of tokenizer {_tok_name(tokenizer)} does not render the user message "
+            f"verbatim (it rewrote {message!r}), so the text of persona {persona!r} cannot be located "
+            "in the prompt; persona spans (and the length-matched baseline) need a template that "
+            "copies the user content unchanged"
+        )
+    c0, c1 = m0 + p0, m0 + p0 + len(persona)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(ids):
+        raise PromptError(f"re-tokenizing the prompt gave other ids; {where}")
+    hit = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < c1 and b > c0]
+    if not hit or hit[-1] - hit[0] + 1 != len(hit) or hit[-1] > p_user_last:
+        raise PromptError(f"{where}: no contiguous token span inside the user turn (tokens {hit})")
+    return hit[0], hit[-1] + 1
 
 
 def check_prompt_lengths(
@@ -166,6 +228,13 @@ def check_prompt_lengths(
         )
 
 
+def role_persona(grid: Grid, cell: Cell, role: str) -> str | None:
+    """Persona text of a role's prompt: X's for XY, XB (and LY's host XY), the baseline's for BY, BB; bare: None."""
+    if role == "bare":
+        return None
+    return grid.personas[cell.persona] if role[0] in ("X", "L") else grid.baseline_persona
+
+
 def role_text(grid: Grid, cell: Cell, role: str) -> str:
     """User message of one of a cell's four prompts (BB, XB, BY, XY) or "bare"."""
     persona = grid.personas[cell.persona] if role[0] == "X" else grid.baseline_persona
@@ -176,15 +245,65 @@ def role_text(grid: Grid, cell: Cell, role: str) -> str:
 
 
 class PromptBook:
-    """Encodes each distinct message once; BB is shared by every cell, XB by a persona's tasks."""
+    """Encodes each distinct message once; BB is shared by every cell, XB by a persona's tasks.
 
-    def __init__(self, tokenizer, grid: Grid):
+    Every prompt carries its persona span (None for "bare"). Role "LY" is the length-matched
+    baseline of METHOD.md: XY's ids with X's span replaced, token for token, by the first |S_X|
+    tokens of the baseline persona's span (from BY) followed, when X's span is longer, by the
+    tokens of `filler` (tokenized once without special tokens, repeated cyclically). It has
+    XY's length, p_user_last and span; ly_text(cell) is the decoded replacement.
+    """
+
+    def __init__(self, tokenizer, grid: Grid, filler: str = DEFAULT_FILLER):
         self.tokenizer = tokenizer
         self.grid = grid
-        self._cache: dict[str, Prompt] = {}
+        self.filler = filler
+        self._cache: dict[tuple[str, str | None], Prompt] = {}
+        self._ly: dict[Cell, tuple[Prompt, tuple[int, ...]]] = {}
+        self._filler_ids: tuple[int, ...] | None = None
 
     def get(self, cell: Cell, role: str) -> Prompt:
+        if role == LY:
+            return self._length_matched(cell)[0]
         msg = role_text(self.grid, cell, role)
-        if msg not in self._cache:
-            self._cache[msg] = encode(self.tokenizer, msg)
-        return self._cache[msg]
+        key = (msg, role_persona(self.grid, cell, role))
+        if key not in self._cache:
+            self._cache[key] = encode(self.tokenizer, msg, key[1])
+        return self._cache[key]
+
+    def ly_text(self, cell: Cell) -> str:
+        """Decoded text that replaces X's persona in the cell's LY prompt (to record with results)."""
+        return self.tokenizer.decode(list(self._length_matched(cell)[1]))
+
+    def _filler_tokens(self) -> tuple[int, ...]:
+        if self._filler_ids is None:
+            hits = _found(self.filler, _special_texts(self.tokenizer))
+            if hits:
+                raise PromptError(f"LY filler {self.filler!r} contains special-token text {hits}; {PLAIN_TEXT}")
+            ids = self.tokenizer(self.filler, add_special_tokens=False)["input_ids"]
+            self._filler_ids = tuple(int(i) for i in ids)
+        return self._filler_ids
+
+    def _length_matched(self, cell: Cell) -> tuple[Prompt, tuple[int, ...]]:
+        if cell in self._ly:
+            return self._ly[cell]
+        xy, by = self.get(cell, "XY"), self.get(cell, "BY")
+        if xy.span is None or by.span is None:
+            raise PromptError(f"cell {cell.key!r}: XY or BY prompt has no persona span; no LY prompt")
+        (s, e), (bs, be) = xy.span, by.span
+        n = e - s
+        if n < 1:
+            raise PromptError(f"persona {self.grid.personas[cell.persona]!r} has an empty token span; no LY prompt")
+        repl = list(by.ids[bs:be][:n])
+        if len(repl) < n:
+            fill = self._filler_tokens()
+            if not fill:
+                raise PromptError(
+                    f"LY filler {self.filler!r} tokenizes to no tokens, but persona "
+                    f"{self.grid.personas[cell.persona]!r} ({n} tokens) is longer than the baseline "
+                    f"persona {self.grid.baseline_persona!r} ({be - bs} tokens); give a non-empty filler text"
+                )
+            repl += [fill[i % len(fill)] for i in range(n - len(repl))]
+        ly = Prompt(xy.ids[:s] + tuple(repl) + xy.ids[e:], xy.p_user_last, xy.span)
+        self._ly[cell] = (ly, tuple(repl))
+        return self._ly[cell]
