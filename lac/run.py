@@ -8,7 +8,6 @@ reported and the sweep goes on (lac.multirun).
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -20,14 +19,15 @@ from lac.errors import LacError
 from lac.multirun import full_error, record_failure
 from lac.paths import conf_dir
 from lac.runner import run
+from lac.tracking import configure_logging
 
 CONF = conf_dir()  # the repo's conf/ in a checkout, the packaged lac/conf in a wheel
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("lac").setLevel(logging.INFO)
     hc = HydraConfig.get()
+    configure_logging(hc.verbose)  # lac INFO; Lightning/warnings/wandb banners quiet unless verbose
     try:
         run(cfg, job_dir=hc.runtime.output_dir)
     except Exception as e:

@@ -252,9 +252,11 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     module = _lightning_module(lm, spec, book, cache, cfg.engine, ctx)
     loader = DataLoader(cells, batch_size=int(cfg.engine.batch_cells), shuffle=False, collate_fn=list)
     accel = {"cuda": "gpu", "mps": "mps"}.get(lm.device.type, "cpu")
+    from lac.tracking import trainer_options
+
+    options = trainer_options(len(cells))  # progress in cells, Lightning quiet, patched steps timed
     trainer = L.Trainer(
-        accelerator=accel, devices=1, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, callbacks=[PartWriter("batch")],
+        accelerator=accel, devices=1, **{**options, "callbacks": [PartWriter("batch"), *options["callbacks"]]},
     )
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     log.info("activation cache %s: %s", cache.key, cache.hits)
@@ -321,23 +323,24 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
 def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str, config: dict) -> None:
     """Log the job's W&B run unless this store already holds a finished one for this run id
     (a job killed after its results were safe, or a twin that waited on the lock, logs it now)."""
-    from lac.tracking import start_tracker
+    from lac.tracking import start_tracker, timing_line
 
-    if store.tracked(run_id):
-        return
-    df = pd.read_parquet(store.dir / "results.parquet")
+    t0 = time.monotonic()
     summary = json.loads((store.dir / "summary.json").read_text())
-    gens_file = store.dir / "generations.jsonl"
-    gens = [json.loads(line) for line in gens_file.read_text().splitlines()] if gens_file.is_file() else []
-    tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
-    try:
-        tracker.log_results(df, summary["summary"])
-        if gens:
-            tracker.log_generations(gens)
-    finally:
-        tracker.finish()
-    if tracker.mode in ("online", "offline"):
-        store.mark_tracked(run_id, tracker.url_or_dir)
+    if not store.tracked(run_id):
+        df = pd.read_parquet(store.dir / "results.parquet")
+        gens_file = store.dir / "generations.jsonl"
+        gens = [json.loads(line) for line in gens_file.read_text().splitlines()] if gens_file.is_file() else []
+        tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+        try:
+            tracker.log_results(df, summary["summary"])
+            if gens:
+                tracker.log_generations(gens)
+        finally:
+            tracker.finish()
+        if tracker.mode in ("online", "offline"):
+            store.mark_tracked(run_id, tracker.url_or_dir)
+    log.info("%s", timing_line(summary.get("seconds"), time.monotonic() - t0))
 
 
 def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
@@ -352,7 +355,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     final = JobStore(Path(cfg.results_root), key)
     config = OmegaConf.to_container(cfg, resolve=True)
     t0 = time.time()
-    with final.lock():
+    with final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
         if not rerun and final.done:
             log.info("job %s already finished in %s: reusing its results", key, final.dir)
             summary = json.loads((final.dir / "summary.json").read_text())

@@ -60,31 +60,29 @@ What a run holds
   ``generations`` (mode=markers: cell, persona, task, condition, text,
   marker_any, marker_distinct, hits).
 
-Dashboard recipe
-----------------
-KL against layer, one line per model (a sweep of single-layer jobs, e.g.
-``python -m lac.run -m model=qwen0.5,smollm2 layer=6,10,13,17,20``):
+* history: one row per layer (:func:`history_rows`): ``layer``, ``layer_frac`` and
+  ``by_layer/kl/{site}/{intervention}/{median,p25,p75}``, ``by_layer/{geometry metric}/{site}/...``,
+  with ``layer`` as their step metric (``define_metric``): a multi-layer job and a
+  ``-m layer=...`` sweep of one-layer jobs draw the same line against ``layer``.
 
-1. Project page -> filter runs: ``group`` = the sweep name (``sweep_name=...``), and
-   ``config.mode`` = kl; optionally ``config.intervention`` = additive.
-2. Add panel -> **Scatter plot** (or a *Parallel coordinates* / *Run comparer*
-   for a quick look): x = ``layer`` (config), y = ``kl/p_last/additive/median``
-   (summary), color by ``model``. To get *lines*, use a custom chart (Vega-Lite,
-   "Add panel -> Custom chart") over ``runs`` with ``config.layer`` on x,
-   ``summary.kl/p_last/additive/median`` on y and ``config.model`` as the
-   series, mark ``line``; or group the runs table by ``model`` and plot each
-   group's scatter.
-   Use the layer-free keys: a per-layer key such as ``kl/p_last/L6/additive/median``
-   exists only in the runs of layer 6, so it cannot be a cross-run y axis.
-   (The W&B *Line plot* panel plots history steps of each run, not runs
-   against a config value; it is the wrong panel here.)
-3. Spread: y = ``kl/p_last/additive/p25`` and ``.../p75`` as extra series;
-   other sites: ``kl/g1/...``, ``kl/g2/...``, ``kl/p_user_last/...``; the floor:
-   ``kl/p_last/bare/median``; geometry: ``cos_xy_sum/p_last/median``.
-4. Multi-layer jobs (``layer=paper`` in one job, or ``intervention.layers=[...]``):
-   their summary keys carry the layer (``kl/p_last/L13/additive/median``) and
-   the ``results`` table has a ``layer`` column: plot from the table
-   (Table panel -> group by model, layer; or ``python -m lac.report``).
+W&B's conventions
+-----------------
+``WANDB_DIR``, ``WANDB_PROJECT``, ``WANDB_ENTITY``, ``WANDB_RUN_GROUP``, ``WANDB_JOB_TYPE`` and
+``WANDB_TAGS`` (comma list), when set, win over the tracker config (:func:`wandb_settings`,
+:func:`wandb_dir`); without ``WANDB_DIR`` a job's run lands in its Hydra job folder.
+
+Dashboard
+---------
+``python -m lac.dashboard --entity E --project P --group G`` builds the W&B workspace (KL and
+geometry by layer, one line per model; markers; host injection; controls) from these keys;
+see :mod:`lac.dashboard`.
+
+Console
+-------
+:func:`configure_logging` (called by ``lac.run``) keeps one line per job phase: Lightning's
+info lines and tips, deprecation/future warnings and wandb's banners are silenced unless
+``hydra.verbose`` or ``LAC_DEBUG=1`` asks for them. :func:`progress_callback` is the patched
+steps' progress bar (cells done), :func:`timing_line` the job's last line on where time went.
 """
 
 from __future__ import annotations
@@ -260,8 +258,36 @@ def run_id_for(key: str, tcfg: Any) -> str:
     key = str(key)
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", key):
         key = hashlib.sha256(key.encode()).hexdigest()
-    group = str(_get(tcfg, "group", ""))
+    group = str(wandb_settings(tcfg)["group"] or "")
     return f"lac-{key[:16]}-{hashlib.sha256(group.encode()).hexdigest()[:8]}"
+
+
+ENV_OVERRIDES = {  # W&B's own variables, set by the user, win over the tracker config's values
+    "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP",
+    "job_type": "WANDB_JOB_TYPE", "tags": "WANDB_TAGS",
+}
+
+
+def wandb_settings(tcfg: Any) -> dict[str, Any]:
+    """project, entity, group, job_type, tags of a job's run: W&B's environment variables
+    (WANDB_PROJECT, WANDB_ENTITY, WANDB_RUN_GROUP, WANDB_JOB_TYPE, WANDB_TAGS as a comma list)
+    where the user set them, else the tracker config (group defaults to sweep_name)."""
+    out: dict[str, Any] = {}
+    for field, var in ENV_OVERRIDES.items():
+        env = os.environ.get(var)
+        if field == "tags":
+            out[field] = ([t.strip() for t in env.split(",") if t.strip()] if env
+                          else [str(t) for t in _plain(_get(tcfg, "tags", []))])
+        else:
+            out[field] = env if env else _get(tcfg, field)
+    return out
+
+
+def wandb_dir(run_dir: Path | str) -> Path:
+    """The ``dir`` of a job's run (wandb puts its run folders in ``<dir>/wandb/``): $WANDB_DIR
+    when the user set it, else the job's own folder. Passed explicitly: wandb reads its
+    environment once per process, and a multirun's later jobs must see the same rule."""
+    return Path(os.environ.get("WANDB_DIR") or run_dir).expanduser()
 
 
 def flatten(d: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
@@ -314,15 +340,20 @@ def group_keys(config: Mapping[str, Any]) -> dict[str, Any]:
         out["intervention"] = iv["name"]
     if config.get("mode") is not None:
         out["mode"] = config["mode"]
+    if model.get("n_layers") is not None:
+        out["n_layers"] = int(model["n_layers"])
+    named = {"paper": model.get("paper_layers"), "long": model.get("long_layers"),
+             **(model.get("layer_sets") if isinstance(model.get("layer_sets"), Mapping) else {})}
+
+    def resolve(value: Any) -> list[int] | None:  # 10, [6, 10], "paper", "m3" (model.layer_sets)
+        return _int_list(named.get(value) if isinstance(value, str) else value)
+
     # the layer(s): a multi-layer set written at once, else the job's layer list
-    layers = _int_list(iv.get("layers"))
+    layers = resolve(iv.get("layers"))
     if layers:
         out["layer"], out["layers"] = max(layers), ",".join(map(str, sorted(layers)))
         return out
-    raw = config.get("layer")
-    if isinstance(raw, str) and raw in ("paper", "long"):
-        raw = model.get(f"{raw}_layers")
-    layers = _int_list(raw)
+    layers = resolve(config.get("layer"))
     if layers:
         out["layer"] = layers[0] if len(layers) == 1 else layers
         out["layers"] = ",".join(map(str, layers))
@@ -367,6 +398,36 @@ def layer_free_keys(summary: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+HISTORY_PREFIX = "by_layer"  # per-layer history keys: by_layer/kl/{site}/{intervention}/{stat} ...
+STEP_METRIC = "layer"  # their x: the layer (also logged as layer_frac = layer / n_layers)
+
+
+def history_rows(summary: Mapping[str, Any], n_layers: int | None = None) -> list[dict[str, float]]:
+    """One W&B history row per layer: ``layer``, ``layer_frac`` (layer / n_layers, when known),
+    ``by_layer/kl/{site}/{intervention}/{median,p25,p75}`` for the KL of single layers and
+    ``by_layer/{geometry metric}/{site}/{median,p25,p75}``. A multi-layer job and a sweep of
+    one-layer jobs log the same rows, so their curves against ``layer`` are the same.
+    KL of multi-layer sets and of interventions writing nothing has no layer: summary keys only."""
+    rows: dict[int, dict[str, float]] = {}
+
+    def row(layer: int) -> dict[str, float]:
+        r = rows.setdefault(int(layer), {STEP_METRIC: int(layer)})
+        if n_layers:
+            r["layer_frac"] = int(layer) / int(n_layers)
+        return r
+
+    for r in summary.get("kl", []):
+        layers = str(r.get("layers") or "")
+        if not layers or "," in layers:
+            continue
+        base = f"{HISTORY_PREFIX}/kl/{r['site']}/{r['intervention']}"
+        row(int(layers)).update({f"{base}/{s}": r[s] for s in _STATS_GEO})
+    for r in summary.get("geometry", []):
+        base = f"{HISTORY_PREFIX}/{r['metric']}/{r['site']}"
+        row(int(r["layer"])).update({f"{base}/{s}": r[s] for s in _STATS_GEO})
+    return [rows[k] for k in sorted(rows)]
+
+
 def _native(v: Any) -> Any:
     """A table cell as a JSON-friendly Python value (pd.NA -> None, numpy scalars -> Python)."""
     if v is None:
@@ -384,6 +445,138 @@ def _native(v: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return v
+
+
+# --------------------------------------------------------------------------- console: quiet logs, progress, timing
+
+_VERBOSE = False
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+_PREDICT: dict[str, float] = {}  # the last patched-step loop of this process: seconds, cells
+
+
+def verbose_requested(hydra_verbose: Any = False) -> bool:
+    """``hydra.verbose`` (true or a logger list) or ``LAC_DEBUG=1`` ask for the full logs."""
+    return bool(hydra_verbose) or os.environ.get("LAC_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def configure_logging(verbose: Any = False) -> bool:
+    """lac's INFO lines (one per job phase); unless verbose: Lightning's info lines and tips
+    (GPU available, litlogger), deprecation/future warnings (e.g. Lightning's _pytree LeafSpec),
+    transformers' weight-loading bars and wandb's banners are silenced. Returns the verbosity."""
+    global _VERBOSE
+    import warnings
+
+    _VERBOSE = verbose_requested(verbose)
+    logging.getLogger("lac").setLevel(logging.DEBUG if _VERBOSE else logging.INFO)
+    if _VERBOSE:
+        return True
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
+    warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers).*")
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover - transformers is a dependency
+        pass
+    return False
+
+
+def _quiet_lightning() -> None:
+    """Lightning adds its own console handler when it is imported before any other: its lines
+    then show twice (once plain, once through Hydra's handler). One copy, through the root's."""
+    root_has = logging.getLogger().hasHandlers()
+    for name in LIGHTNING_LOGGERS:
+        lg = logging.getLogger(name)
+        if root_has:
+            for h in list(lg.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+            lg.propagate = True
+        if not _VERBOSE:
+            lg.setLevel(logging.WARNING)
+
+
+def progress_callback(total_cells: int, enabled: bool | None = None) -> Any:
+    """Lightning callback for the patched steps: a progress bar in cells (Lightning's TQDM bar,
+    on a terminal or with LAC_PROGRESS=1; LAC_PROGRESS=0 turns it off) and the loop's time for
+    :func:`timing_line`."""
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    env = os.environ.get("LAC_PROGRESS", "").strip().lower()
+    if enabled is None:
+        enabled = env in ("1", "true", "yes") or (env not in ("0", "false", "no") and sys.stderr.isatty())
+
+    class CellProgress(TQDMProgressBar):
+        """Lightning's bar, counting cells (cells captured and patched per step) instead of batches."""
+
+        def __init__(self) -> None:
+            super().__init__(refresh_rate=1 if enabled else 0)
+            self.cells = 0
+
+        def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+            _PREDICT.clear()
+            _PREDICT["t0"] = time.monotonic()
+            self.cells = 0
+            if enabled:
+                super().on_predict_start(trainer, pl_module)
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            if enabled:
+                super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+                bar = self.predict_progress_bar
+                bar.reset(total=total_cells)
+                bar.set_description("lac: cells captured and patched")
+                bar.n = self.cells
+                bar.refresh()
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self.cells += len(batch)
+            rows = len(outputs.get("rows", [])) if isinstance(outputs, Mapping) else 0
+            _PREDICT["rows"] = _PREDICT.get("rows", 0) + rows
+            if enabled:
+                bar = self.predict_progress_bar
+                bar.n = self.cells
+                bar.set_postfix(rows=int(_PREDICT["rows"]), refresh=False)
+                bar.refresh()
+
+        def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+            _PREDICT.update(seconds=time.monotonic() - _PREDICT.pop("t0", time.monotonic()), cells=self.cells)
+            if enabled:
+                super().on_predict_end(trainer, pl_module)
+
+    return CellProgress()
+
+
+def trainer_options(total_cells: int) -> dict[str, Any]:
+    """Keyword arguments of the job's ``lightning.Trainer`` beyond devices and callbacks of its
+    own: progress in cells, no model summary or checkpoints, and Lightning quiet (see
+    :func:`configure_logging`)."""
+    _quiet_lightning()
+    bar = progress_callback(total_cells)
+    return {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+            "enable_progress_bar": True, "callbacks": [bar]}
+
+
+def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
+    """The job's last line on where time went (patched steps timed by :func:`progress_callback`)."""
+    done = dict(_PREDICT)
+    _PREDICT.clear()
+    if compute_seconds is None or "seconds" not in done:
+        return f"time: results reused (nothing computed), W&B {tracking_seconds:.1f} s"
+    steps = done["seconds"]
+    rest = max(float(compute_seconds) - steps, 0.0)
+    return (f"time: {float(compute_seconds) + tracking_seconds:.1f} s = model load and clean captures "
+            f"{rest:.1f} s + patched steps {steps:.1f} s ({int(done.get('cells', 0))} cells, "
+            f"{int(done.get('rows', 0))} rows) + W&B {tracking_seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------- trackers
@@ -427,9 +620,10 @@ class NoTracker(Tracker):
 class WandbTracker(Tracker):
     """One W&B run. Build it with :func:`start_tracker`."""
 
-    def __init__(self, run: Any, mode: str):
+    def __init__(self, run: Any, mode: str, n_layers: int | None = None):
         self.run = run
         self.mode = mode
+        self.n_layers = n_layers
         self._finished = False
         if mode == "offline":
             self.url_or_dir = str(run.settings.sync_dir)
@@ -449,6 +643,13 @@ class WandbTracker(Tracker):
         columns = [str(c) for c in df.columns]
         data = [[_native(v) for v in row] for row in df.itertuples(index=False, name=None)]
         self._log_table("results", columns, data)
+        rows = history_rows(summary, self.n_layers)
+        if rows:
+            self.run.define_metric(STEP_METRIC)
+            self.run.define_metric("layer_frac", step_metric=STEP_METRIC)
+            self.run.define_metric(f"{HISTORY_PREFIX}/*", step_metric=STEP_METRIC)
+            for r in rows:
+                self.run.log(r)
         self.run.summary.update({**summary_keys(summary), **layer_free_keys(summary)})
 
     def log_generations(self, records: list[dict[str, Any]]) -> None:
@@ -525,18 +726,15 @@ def _wandb_init(tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path
         init_timeout=float(_get(tcfg, "init_timeout", DEFAULT_INIT_TIMEOUT)),
         finish_timeout=float(_get(tcfg, "finish_timeout", DEFAULT_FINISH_TIMEOUT)),
         quiet=True,  # lac logs the run folder / URL itself
+        silent=not _VERBOSE,  # no "wandb: ..." banners unless hydra.verbose / LAC_DEBUG
         x_disable_stats=True,  # no system-metrics sampler
     )
     return wandb.init(
-        project=_get(tcfg, "project"),
-        entity=_get(tcfg, "entity"),
-        group=_get(tcfg, "group"),
-        job_type=_get(tcfg, "job_type"),
-        tags=[str(t) for t in _plain(_get(tcfg, "tags", []))],
+        **wandb_settings(tcfg),
         name=name,
         id=run_id,
         resume="allow",
-        dir=str(run_dir),
+        dir=str(wandb_dir(run_dir)),
         mode=mode,
         config=config,
         reinit="create_new",
@@ -551,7 +749,7 @@ def start_tracker(tcfg: Any, *, run_id: str, config: Mapping[str, Any], run_dir:
     if _get(tcfg, "name") == "none":
         return NoTracker()
     mode = resolve_mode(tcfg)
-    run_dir = Path(run_dir)
+    run_dir = wandb_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_config(config)
     if mode == "online" and _online_failed:
@@ -567,9 +765,9 @@ def start_tracker(tcfg: Any, *, run_id: str, config: Mapping[str, Any], run_dir:
         log.warning("W&B: online run could not start (%s: %s); logging offline instead", type(e).__name__, e)
         mode = "offline"
         run = _wandb_init(tcfg, run_id=run_id, config=cfg, run_dir=run_dir, name=name, mode=mode)
-    tracker = WandbTracker(run, mode)
-    if mode == "offline":
-        log.info(
+    tracker = WandbTracker(run, mode, n_layers=cfg.get("n_layers"))
+    if mode == "offline":  # one line per phase: the sync command comes with finish()
+        log.debug(
             "W&B offline run %s in %s (%.1fs); upload later with: %s",
             run_id, tracker.url_or_dir, time.monotonic() - t0, tracker.sync_command,
         )
@@ -580,6 +778,7 @@ def start_tracker(tcfg: Any, *, run_id: str, config: Mapping[str, Any], run_dir:
 
 __all__ = [
     "NoTracker", "Tracker", "TrackerError", "WandbTracker", "api_key_source", "check_tracker",
-    "flatten", "group_keys", "layer_free_keys", "resolve_mode", "run_config", "run_id_for",
-    "start_tracker",
+    "configure_logging", "flatten", "group_keys", "history_rows", "layer_free_keys", "progress_callback",
+    "resolve_mode", "run_config", "run_id_for", "start_tracker", "timing_line", "trainer_options",
+    "wandb_dir", "wandb_settings",
 ]

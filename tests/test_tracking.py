@@ -42,7 +42,8 @@ def offline_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    for var in ("WANDB_DIR", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_JOB_TYPE", "LAC_DEBUG"):
+        monkeypatch.delenv(var, raising=False)  # runs land in the job dir unless a test sets WANDB_DIR
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
@@ -318,3 +319,121 @@ def test_none_tracker_does_nothing_and_never_imports_wandb(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "NoTracker", "False"]
+
+
+# --------------------------------------------------------------------------- W&B conventions, history
+
+
+def test_wandb_dir_set_by_the_user_wins_over_the_job_dir(tmp_path, monkeypatch):
+    wdir = tmp_path / "user_wandb_dir"
+    monkeypatch.setenv("WANDB_DIR", str(wdir))
+    df = results_df(layers=(6,))
+    tr = start_tracker(tcfg(), run_id="lac-wdir", config=job_config(layer=(6,)), run_dir=tmp_path / "job",
+                       name="wdir")
+    tr.log_results(df, summarize(df))
+    tr.finish()
+    (sync_dir,) = find_runs(wdir)
+    assert sync_dir.parent == wdir / "wandb" and Path(tr.url_or_dir) == sync_dir
+    assert not find_runs(tmp_path / "job")
+    assert read_run(sync_dir).exit_code == 0
+
+
+def test_wandb_env_project_entity_group_tags_win(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "env-group")
+    monkeypatch.setenv("WANDB_TAGS", "a, b")
+    monkeypatch.setenv("WANDB_JOB_TYPE", "env-type")
+    assert tracking.wandb_settings(tcfg()) == {"project": "env-project", "entity": None, "group": "env-group",
+                                               "job_type": "env-type", "tags": ["a", "b"]}
+    rid = run_id_for("0123456789abcdef", tcfg())
+    assert rid == run_id_for("0123456789abcdef", tcfg(group="env-group"))  # the id follows the run's group
+    tr = start_tracker(tcfg(), run_id=rid, config=job_config(), run_dir=tmp_path / "job", name="env")
+    tr.finish()
+    run = read_run(find_runs(tmp_path / "job")[0])
+    assert run.run["project"] == "env-project" and run.run["group"] == "env-group"
+    assert run.run["tags"] == ["a", "b"] and run.run["job_type"] == "env-type"
+    monkeypatch.setenv("WANDB_ENTITY", "env-entity")
+    assert tracking.wandb_settings(tcfg(entity="cfg-entity"))["entity"] == "env-entity"
+
+
+def _history(run):
+    return {int(r["layer"]): {k: v for k, v in r.items() if k.startswith("by_layer/") or k == "layer_frac"}
+            for r in run.history if "layer" in r}
+
+
+def test_multi_layer_job_and_layer_sweep_log_the_same_history(tmp_path):
+    """Per-layer history rows with `layer` as their step: one job over layers 6, 10 draws the same
+    curve as two one-layer jobs; `layer_frac` = layer / n_layers for cross-model x axes."""
+    df = results_df(layers=(6, 10), seed=4)
+    tr = start_tracker(tcfg(), run_id="lac-multi", config=job_config(), run_dir=tmp_path / "multi", name="m")
+    tr.log_results(df, summarize(df))
+    tr.finish()
+    multi = _history(read_run(find_runs(tmp_path / "multi")[0]))
+    swept = {}
+    for L in (6, 10):
+        part = df[df.layer == L].reset_index(drop=True)
+        tr = start_tracker(tcfg(), run_id=f"lac-L{L}", config=job_config(layer=(L,)),
+                           run_dir=tmp_path / f"L{L}", name=f"L{L}")
+        tr.log_results(part, summarize(part))
+        tr.finish()
+        swept.update(_history(read_run(find_runs(tmp_path / f"L{L}")[0])))
+    assert multi == swept and sorted(multi) == [6, 10]
+    kl6 = df[(df.metric == "kl") & (df.layer == 6)].value.to_numpy()
+    assert multi[6]["by_layer/kl/p_last/additive/median"] == np.median(kl6)
+    assert multi[10]["layer_frac"] == 10 / 24
+    cos = df[(df.metric == "cos_xy_sum") & (df.layer == 10)].value.to_numpy()
+    assert multi[10]["by_layer/cos_xy_sum/p_last/p75"] == np.percentile(cos, 75)
+
+
+def test_group_keys_of_layer_set_sweeps():
+    cfg = job_config()
+    cfg["model"]["layer_sets"] = {"single": [13], "m3": [9, 11, 13]}
+    cfg["layer"] = "m3"  # layer=m3: three one-layer jobs' layers in one job
+    keys = tracking.group_keys(cfg)
+    assert keys["layer"] == [9, 11, 13] and keys["layers"] == "9,11,13" and keys["n_layers"] == 24
+    cfg["layer"] = "single"  # +sweep=paper_table4: layer=single, intervention.layers=m3
+    cfg["intervention"] = {"name": "host_additive", "layers": "m3"}
+    keys = tracking.group_keys(cfg)
+    assert keys["layer"] == 13 and keys["layers"] == "9,11,13"
+    cfg["intervention"] = {"name": "host_none", "layers": None}
+    assert tracking.group_keys(cfg)["layer"] == 13
+
+
+def test_track_logs_one_run_per_group_also_for_reused_results(tmp_path):
+    """runner._track: a finished job reused by a second sweep (another group) gets a run in that
+    group; tracking the same job again in a group it has a run in adds none."""
+    import json as _json
+
+    from lac.results import JobStore
+    from lac.runner import _track
+
+    df = results_df(layers=(6,))
+    store = JobStore(tmp_path / "results", "0123456789abcdef")
+    store.claim({})
+    store.finish(df, {"summary": summarize(df), "seconds": 1.0}, [])
+    cfgs = {g: OmegaConf.create({"tracker": dict(tcfg(group=g))}) for g in ("sweep-a", "sweep-b")}
+    for g in ("sweep-a", "sweep-b", "sweep-a"):
+        _track(cfgs[g], store, run_id_for(store.key, cfgs[g].tracker), tmp_path / f"job-{g}", "j", job_config((6,)))
+    runs = [read_run(d) for d in find_runs(tmp_path)]
+    assert sorted(r.run["group"] for r in runs) == ["sweep-a", "sweep-b"]
+    assert all(r.summary["kl/p_last/additive/median"] == np.median(df[df.metric == "kl"].value) for r in runs)
+    marks = sorted(p.name for p in (store.dir / "tracked").glob("*.json"))
+    assert marks == sorted(f"{run_id_for(store.key, c.tracker)}.json" for c in cfgs.values())
+    assert _json.loads((store.dir / "tracked" / marks[0]).read_text())["where"]
+
+
+def test_configure_logging_quiets_lightning_unless_verbose(monkeypatch):
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        assert tracking.configure_logging(False) is False
+        assert logging.getLogger("lightning.pytorch").level == logging.WARNING
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+        assert not caught
+        monkeypatch.setenv("LAC_DEBUG", "1")
+        assert tracking.configure_logging(False) is True
+        assert tracking.configure_logging(["lac"]) is True
+    monkeypatch.delenv("LAC_DEBUG")
+    assert tracking.verbose_requested(False) is False and tracking.verbose_requested(True) is True
