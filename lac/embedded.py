@@ -41,6 +41,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
 
+from lac.errors import LacError
 from lac.io import atomic_write_json, locked, sha256_file
 
 log = logging.getLogger("lac.embedded")
@@ -52,7 +53,7 @@ QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 _CHUNK = 8 << 20
 
 
-class EmbeddedModelError(ValueError):
+class EmbeddedModelError(LacError):
     """An embedded model cannot be found, verified or built; the message says how to fix it."""
 
 

@@ -102,9 +102,12 @@ def _text_map(data: Any, what: str, where: str) -> dict[str, str]:
     if not isinstance(data, Mapping) or not data:
         raise GridError(f"{where}: '{what}' must be a non-empty mapping key -> text, got {data!r}")
     out: dict[str, str] = {}
+    given: dict[str, Any] = {}
     for k, v in data.items():
-        if str(k) in out:
-            raise GridError(f"{where}: {what} keys {k!r} and {str(k)!r} collide once read as text; keys must be distinct strings")
+        if str(k) in given:
+            raise GridError(f"{where}: {what} keys {given[str(k)]!r} and {k!r} collide once read as text; "
+                            "keys must be distinct strings")
+        given[str(k)] = k
         if not isinstance(v, str) or not v.strip():
             raise GridError(f"{where}: {what[:-1]} {k!r} is empty or not text: {v!r}")
         if "__" in str(k):

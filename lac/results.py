@@ -171,10 +171,10 @@ class JobStore:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, timeout: float = -1) -> Iterator[None]:
         """Exclusive for the job's lifetime: a twin job waits (and says so), then finds the work done.
         The lock file lives outside the job folder, so publishing a rerun cannot move it."""
-        with locked(self.root / ".locks" / f"{self.key}.lock", what=f"job {self.key}"):
+        with locked(self.root / ".locks" / f"{self.key}.lock", timeout=timeout, what=f"job {self.key}"):
             yield
 
     def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]], set[str]]:

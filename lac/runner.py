@@ -69,8 +69,8 @@ def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
     roles = ("BB", "XB", "BY", "XY", "bare")
     prompts = [(f"{c.key} {r}", book.get(c, r)) for c in spec.grid.cells() for r in roles]
     extra = spec.max_new_tokens if spec.mode == "markers" else REF_TOKENS
-    check_budget(cfg, spec, [p for _, p in prompts], extra, loaded=lm is not None)
     check_prompt_lengths(prompts, _max_positions(cfg.model, tok), extra, cfg.model.name)
+    check_budget(cfg, spec, [p for _, p in prompts], extra, loaded=lm is not None)
     return lm or get_model(cfg.model)
 
 

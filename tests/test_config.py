@@ -49,9 +49,11 @@ def test_intervention_layer_set_out_of_range():
 
 
 def test_unknown_dtype_and_device():
-    with pytest.raises(ValueError, match="unknown dtype 'float8'.*float32"):
+    with pytest.raises(ValueError, match="model.dtype='float8' is not a float type.*float32"):
         spec("model.dtype=float8")
-    with pytest.raises(ValueError, match="unknown dtype 'tensor'"):
+    with pytest.raises(ValueError, match="model.dtype='int8' is not a float type"):
+        spec("model.dtype=int8")
+    with pytest.raises(ValueError, match="model.dtype='tensor'"):
         resolve_dtype("tensor")  # an attribute of torch, but not a dtype
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         spec("model.device=tpu")
@@ -113,8 +115,10 @@ def test_markers_mode_needs_markers(tmp_path):
         load_grid(_grid(tmp_path, GOOD + "markers: {pirate: [arr, '']}\n"))
     with pytest.raises(ValueError, match="pirate"):
         check_markers({"pirate": ["arr", ""]}, "g")
-    with pytest.raises(ConfigError, match="max_new_tokens must be > 0, got 0"):
+    with pytest.raises(ConfigError, match=r"markers.max_new_tokens=0; allowed: an integer > 0"):
         spec("experiment=markers", "markers.max_new_tokens=0")
+    with pytest.raises(ConfigError, match=r"markers.max_new_tokens=2.5; allowed: an integer > 0"):
+        spec("experiment=markers", "markers.max_new_tokens=2.5")
     with pytest.raises(ConfigError, match="patches one layer"):
         spec("experiment=markers", "layer=[10,14]")
 
@@ -143,3 +147,55 @@ def test_every_shipped_config_composes_and_validates():
 def test_engine_sizes_must_be_positive(name, bad):
     with pytest.raises(ConfigError, match=rf"engine\.{name}={bad}.*integer >= 1"):
         build_spec(compose([f"engine.{name}={bad}"]))
+
+
+@pytest.mark.parametrize("ov,match", [
+    ("layer=[3,3]", r"layer=\[3, 3\]: layer 3 is given twice"),
+    ("intervention.layers=[9,11,9]", r"intervention.layers=\[9, 11, 9\]: layer 9 is given twice"),
+    ("rerun=maybe", "rerun='maybe'; allowed: true or false"),
+])
+def test_more_bad_values(ov, match):
+    with pytest.raises(ConfigError, match=match):
+        spec("intervention=host_additive", ov)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("personas: {1: a pirate, '1': a parrot}", "keys 1 and '1' collide"),
+    ("personas: {pirate: a thoughtful person}", "persona 'pirate' has the baseline persona's text"),
+    ("tasks: {advice: Give advice.}", "task 'advice' has the baseline task's text"),
+])
+def test_grid_keys_and_zero_deltas_refused(tmp_path, text, match):
+    key = text.split(":")[0]
+    body = GOOD.replace(next(line for line in GOOD.splitlines() if line.startswith(key)), text)
+    with pytest.raises(GridError, match=match):
+        load_grid(_grid(tmp_path, body))
+
+
+def test_grid_path_that_is_a_directory(tmp_path):
+    with pytest.raises(GridError, match="is a directory"):
+        spec("grid=custom", f"grid.path={tmp_path}")
+
+
+def test_results_root_checked(tmp_path):
+    from lac.config import check_results_root
+
+    with pytest.raises(ConfigError, match="results_root is empty"):
+        check_results_root("")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_results_root(str(f))
+    with pytest.raises(ConfigError, match="is not writable"):
+        check_results_root(str(f / "sub"))  # a folder cannot be made under a file
+    assert check_results_root(str(tmp_path / "new" / "root")).is_dir()
+
+
+def test_model_id_neither_hub_id_nor_folder(tmp_path, monkeypatch):
+    from lac.config import preflight
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="model.id='/no/such/folder' is neither an existing folder nor a hub id"):
+        preflight(compose(["tracker=none", "model=gemma2", "model.id=/no/such/folder", f"results_root={tmp_path}"]))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="google/gemma-2-2b-it is not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        preflight(compose(["tracker=none", "model=gemma2", f"results_root={tmp_path}"]))
