@@ -1,0 +1,203 @@
+"""`python -m lac.report PATH... [--out DIR] [--wandb]`: tables and figures from lac jobs.
+
+Reads every job directory (a directory holding `results.parquet`) under the given
+paths, checks the tidy schema, pools the rows into one table and writes, under
+`--out` (default `<first PATH>/report`):
+
+    results.parquet        all rows, exactly the columns of `lac.schema.COLUMNS`
+    tables.md              tables 1-4 of the paper, lac next to the published numbers
+    figures/kl_by_layer.{png,pdf}        the paper's Figure 1
+    figures/geometry_by_layer.{png,pdf}
+    report.json            what was read and written (also marks this dir as a report,
+                           so a later run over the same root does not read it back)
+
+Every median / IQR is computed within one grid (never pooled across grids) with
+numpy's default (linear) percentiles, as in the paper. This module never loads a
+model: it imports neither torch nor transformers, so it runs anywhere the
+results can be copied to.
+
+A results.parquet that cannot be read at all (truncated, empty, not parquet) is
+skipped with a warning naming it, and the report is built from the others; one
+that reads but carries another schema is refused (exit 3), as before: its rows
+mean something else, so a report without them would be silently partial.
+
+Exit codes: 0 done; 2 no results under the paths (or none of them readable);
+3 results refused (schema).
+"""
+
+from __future__ import annotations
+
+from lac.report._common import (  # noqa: I001
+    DASH,
+    EXIT_NO_RESULTS,
+    EXIT_OK,
+    EXIT_REFUSED,
+    FIGURE1_SITES,
+    GRID_ORDER,
+    HOST_ORDER,
+    KL_THRESHOLD,
+    LEGEND,
+    MARKER_CONDITIONS,
+    PAPER_GEMMA,
+    PAPER_KL_TABLES,
+    PAPER_LAYER_T3,
+    PAPER_SITE_T34,
+    REPORT_KIND,
+    REPORT_MARKER,
+    RESULTS_FILE,
+    SITE_ORDER,
+    SUMMARY_FILE,
+    _condition_key,
+    _grid_key,
+    _host_key,
+    _norm_layers,
+    _site_key,
+    fmt,
+    fmt_iqr,
+    is_single_layer,
+    layer_set_label,
+    model_labels,
+    percentiles,
+)
+from lac.report.cli import default_out, main, parse_args
+from lac.report.figures import (
+    _new_figure,
+    _panels,
+    geometry_by_layer_figure,
+    kl_by_layer_figure,
+    save_figure,
+)
+from lac.report.loading import (
+    UNREADABLE_ERRORS,
+    Found,
+    NoReadableResults,
+    SchemaError,
+    UnreadableResultsWarning,
+    _atomic,
+    _is_report_dir,
+    drop_duplicate_rows,
+    find_job_dirs,
+    load_results,
+    read_summary,
+    write_parquet,
+    write_text,
+)
+from lac.report.published import (
+    load_paper_tables,
+    published_geometry,
+    published_host,
+    published_kl,
+    published_markers,
+)
+from lac.report.summaries import (
+    _summarise,
+    coverage,
+    coverage_compact,
+    geometry_summary,
+    kl_summary,
+    marker_label,
+    marker_summary,
+    persona_marker_counts,
+    render_coverage,
+)
+from lac.report.tables import (
+    Report,
+    Table,
+    _rows_in_order,
+    build_tables,
+    geometry_table,
+    host_table,
+    kl_layer_table,
+    layer_set_summary,
+    marker_table,
+    no_vector_table,
+    render_markdown,
+    render_short,
+    to_markdown,
+)
+from lac.report.wandb_upload import _tracker_config, upload_to_wandb, wandb_group, wandb_mode
+
+__all__ = [
+    "EXIT_NO_RESULTS",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "RESULTS_FILE",
+    "SUMMARY_FILE",
+    "REPORT_MARKER",
+    "REPORT_KIND",
+    "SITE_ORDER",
+    "GRID_ORDER",
+    "MARKER_CONDITIONS",
+    "HOST_ORDER",
+    "FIGURE1_SITES",
+    "KL_THRESHOLD",
+    "PAPER_KL_TABLES",
+    "PAPER_GEMMA",
+    "PAPER_SITE_T34",
+    "PAPER_LAYER_T3",
+    "DASH",
+    "LEGEND",
+    "_norm_layers",
+    "_site_key",
+    "_grid_key",
+    "_host_key",
+    "_condition_key",
+    "fmt",
+    "fmt_iqr",
+    "percentiles",
+    "is_single_layer",
+    "layer_set_label",
+    "model_labels",
+    "SchemaError",
+    "UnreadableResultsWarning",
+    "NoReadableResults",
+    "UNREADABLE_ERRORS",
+    "Found",
+    "_is_report_dir",
+    "find_job_dirs",
+    "read_summary",
+    "load_results",
+    "drop_duplicate_rows",
+    "_atomic",
+    "write_parquet",
+    "write_text",
+    "load_paper_tables",
+    "published_kl",
+    "published_geometry",
+    "published_markers",
+    "published_host",
+    "_summarise",
+    "kl_summary",
+    "geometry_summary",
+    "marker_summary",
+    "marker_label",
+    "persona_marker_counts",
+    "coverage",
+    "coverage_compact",
+    "render_coverage",
+    "Table",
+    "_rows_in_order",
+    "kl_layer_table",
+    "no_vector_table",
+    "geometry_table",
+    "marker_table",
+    "layer_set_summary",
+    "host_table",
+    "Report",
+    "build_tables",
+    "to_markdown",
+    "render_markdown",
+    "render_short",
+    "_panels",
+    "_new_figure",
+    "kl_by_layer_figure",
+    "geometry_by_layer_figure",
+    "save_figure",
+    "wandb_group",
+    "_tracker_config",
+    "wandb_mode",
+    "upload_to_wandb",
+    "default_out",
+    "parse_args",
+    "main",
+]

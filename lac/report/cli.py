@@ -1,0 +1,196 @@
+"""`python -m lac.report PATH... [--out DIR] [--wandb] [--x frac|layer]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lac
+from lac.report._common import (  # noqa: I001
+    EXIT_NO_RESULTS,
+    EXIT_OK,
+    EXIT_REFUSED,
+    REPORT_KIND,
+    REPORT_MARKER,
+    RESULTS_FILE,
+)
+from lac.report.figures import (
+    geometry_by_layer_figure,
+    kl_by_layer_figure,
+    save_figure,
+)
+from lac.report.loading import (
+    NoReadableResults,
+    SchemaError,
+    drop_duplicate_rows,
+    find_job_dirs,
+    load_results,
+    write_parquet,
+    write_text,
+)
+from lac.report.summaries import (
+    coverage,
+    geometry_summary,
+    kl_summary,
+    marker_summary,
+    render_coverage,
+)
+from lac.report.tables import (
+    build_tables,
+    render_markdown,
+    render_short,
+)
+from lac.report.wandb_upload import _tracker_config, upload_to_wandb, wandb_group
+from lac.schema import SCHEMA_VERSION
+
+# --------------------------------------------------------------------------- CLI
+
+
+def default_out(first: Path) -> Path:
+    first = Path(first)
+    return (first if first.is_dir() else first.parent) / "report"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m lac.report",
+        description="Tables (paper tables 1-4, side by side with the published numbers) and "
+        "figures from lac job dirs.",
+    )
+    ap.add_argument("paths", nargs="+", type=Path, help="job dirs, multirun dirs or results roots")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output dir (default: <first PATH>/report)"
+    )
+    ap.add_argument("--wandb", action="store_true", help="upload tables and figures to one W&B run")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out if args.out is not None else default_out(args.paths[0])
+    found = find_job_dirs(args.paths, exclude=[out])
+    err = sys.stderr
+
+    if not found.jobs:
+        print(
+            "lac.report: no results found (no job dir holding results.parquet). Searched:", file=err
+        )
+        for p in found.searched:
+            print(f"  {p}{'  (does not exist)' if p in found.missing else ''}", file=err)
+        for d in found.incomplete:
+            print(f"  incomplete job (parts/ only): {d}", file=err)
+        return EXIT_NO_RESULTS
+    for p in found.missing:
+        print(f"lac.report: warning: {p} does not exist", file=err)
+
+    unreadable: list[Path] = []
+
+    def skip(f: Path, why: str) -> None:
+        unreadable.append(f)
+        print(f"lac.report: warning: skipped unreadable results file {f} ({why})", file=err)
+
+    try:
+        df = load_results(found.jobs, on_unreadable=skip)
+    except SchemaError as e:
+        print(f"lac.report: refused: {e}", file=err)
+        return EXIT_REFUSED
+    except NoReadableResults as e:
+        print(f"lac.report: no readable results: {e}", file=err)
+        return EXIT_NO_RESULTS
+    jobs = [d for d in found.jobs if Path(d) / RESULTS_FILE not in unreadable]
+    df, n_dup = drop_duplicate_rows(df)
+    if df.empty:
+        print(f"lac.report: {len(jobs)} job dir(s) found but they hold no rows", file=err)
+        return EXIT_NO_RESULTS
+
+    print(
+        f"lac.report: {len(jobs)} job dir(s), {len(df)} rows, {len(found.incomplete)} incomplete"
+        + (f", {len(unreadable)} unreadable results file(s) skipped" if unreadable else "")
+    )
+    if n_dup:
+        print(
+            f"lac.report: warning: {n_dup} duplicated row(s) (same cell measured twice); kept the last"
+        )
+    for d in found.incomplete:
+        print(f"  incomplete (parts/ without results.parquet): {d}")
+    print("present (model · grid · intervention · site: layer:cells):")
+    print(render_coverage(df))
+
+    report = build_tables(df)
+    header = [
+        f"lac {lac.__version__}, schema {SCHEMA_VERSION}. {len(jobs)} job dir(s), "
+        f"{len(df)} rows, {len(found.incomplete)} incomplete job dir(s).",
+        "",
+        "Searched: " + ", ".join(f"`{p}`" for p in found.searched),
+    ]
+    if found.incomplete:
+        header += ["", "Incomplete: " + ", ".join(f"`{d}`" for d in found.incomplete)]
+    if unreadable:
+        header += ["", "Skipped (unreadable): " + ", ".join(f"`{f}`" for f in unreadable)]
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {}
+    written["results"] = str(write_parquet(df, out / RESULTS_FILE))
+    written["tables"] = str(write_text(render_markdown(report, header), out / "tables.md"))
+
+    figures: dict[str, Path] = {}
+    for name, make in (
+        ("kl_by_layer", kl_by_layer_figure),
+        ("geometry_by_layer", geometry_by_layer_figure),
+    ):
+        fig = make(df)
+        if fig is None:
+            print(f"lac.report: no data for figure {name}; skipped")
+            continue
+        paths = save_figure(fig, out / "figures" / name)
+        figures[name] = paths[0]
+        written[f"figure_{name}"] = [str(p) for p in paths]
+
+    if args.wandb:
+        group = wandb_group(found.jobs)
+        run_dir = upload_to_wandb(
+            report,
+            figures,
+            group=group,
+            out_dir=out,
+            tracker=_tracker_config(found.jobs),
+            config={
+                "paths": [str(p) for p in found.searched],
+                "n_jobs": len(jobs),
+                "lac_version": lac.__version__,
+                "schema": SCHEMA_VERSION,
+            },
+            extra_tables={
+                "kl_summary": kl_summary(df),
+                "geometry_summary": geometry_summary(df),
+                "marker_summary": marker_summary(df),
+                "coverage": coverage(df),
+            },
+        )
+        written["wandb_run_dir"] = str(run_dir)
+        print(f"lac.report: W&B run (group {group!r}, job_type 'report'): {run_dir}")
+
+    manifest = {
+        "kind": REPORT_KIND,
+        "lac_version": lac.__version__,
+        "schema": SCHEMA_VERSION,
+        "searched": [str(p) for p in found.searched],
+        "job_dirs": [str(d) for d in jobs],
+        "incomplete": [str(d) for d in found.incomplete],
+        "unreadable": [str(f) for f in unreadable],
+        "written": written,
+    }
+    write_text(json.dumps(manifest, indent=2) + "\n", out / REPORT_MARKER)
+
+    print()
+    print(render_short(report))
+    print()
+    print(f"lac.report: wrote {out}/")
+    print(f"  {RESULTS_FILE}  tables.md  {REPORT_MARKER}")
+    for name in figures:
+        print(f"  figures/{name}.png  figures/{name}.pdf")
+    return EXIT_OK

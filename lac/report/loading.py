@@ -1,0 +1,216 @@
+"""Finding job dirs, reading and validating their results (schema, unreadable files), atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+import lac
+from lac.report._common import (
+    REPORT_KIND,
+    REPORT_MARKER,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    _norm_layers,
+)
+from lac.schema import COLUMNS, SCHEMA_VERSION
+
+
+class SchemaError(ValueError):
+    """Results written under a schema this report does not read."""
+
+
+class UnreadableResultsWarning(UserWarning):
+    """A results.parquet that could not be read was left out of the report."""
+
+
+class NoReadableResults(RuntimeError):
+    """Every results.parquet found was unreadable: nothing to build a report from."""
+
+    def __init__(self, unreadable: Sequence[tuple[Path, str]]):
+        self.unreadable = list(unreadable)
+        listed = "; ".join(f"{f} ({why})" for f, why in self.unreadable)
+        super().__init__(
+            f"none of the {len(self.unreadable)} results file(s) found is readable: {listed}"
+        )
+
+
+# what reading a file that is not (or no longer) a whole parquet file raises: ArrowInvalid
+# (a ValueError) for a missing footer or an empty file, OSError for corrupt pages or no access
+UNREADABLE_ERRORS = (OSError, ValueError, pa.ArrowException)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class Found:
+    """What a search of the paths turned up (kept together so messages can list it)."""
+
+    searched: list[Path]
+    jobs: list[Path] = field(default_factory=list)
+    incomplete: list[Path] = field(default_factory=list)
+    missing: list[Path] = field(default_factory=list)
+
+
+def _is_report_dir(d: Path) -> bool:
+    """A previous report's output also holds results.parquet; it must not be read back."""
+    marker = d / REPORT_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("kind") == REPORT_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find_job_dirs(paths: Sequence[Path | str], exclude: Iterable[Path | str] = ()) -> Found:
+    """Every job dir under `paths` (recursively), plus unfinished ones (parts/ only).
+
+    A PATH may also be a results.parquet file. Report output dirs are skipped.
+    """
+    excluded = {Path(p).resolve() for p in exclude}
+    found = Found(searched=[Path(p) for p in paths])
+    jobs: dict[Path, None] = {}
+    incomplete: dict[Path, None] = {}
+    for p in found.searched:
+        if p.is_file() and p.name == RESULTS_FILE:
+            candidates = [p]
+            roots: list[Path] = []
+        elif p.is_dir():
+            candidates = sorted(p.rglob(RESULTS_FILE))
+            roots = [p, *sorted(d for d in p.rglob("*") if d.is_dir())]
+        else:
+            found.missing.append(p)
+            continue
+        for f in candidates:
+            d = f.parent.resolve()
+            if d in excluded or _is_report_dir(d):
+                continue
+            jobs[d] = None
+        for d in roots:
+            rd = d.resolve()
+            if (d / "parts").is_dir() and not (d / RESULTS_FILE).exists() and rd not in excluded:
+                incomplete[rd] = None
+    found.jobs = list(jobs)
+    found.incomplete = list(incomplete)
+    return found
+
+
+def read_summary(job_dir: Path) -> dict[str, Any] | None:
+    """summary.json of a job, or None when absent or unreadable."""
+    f = Path(job_dir) / SUMMARY_FILE
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_results(
+    job_dirs: Sequence[Path],
+    on_unreadable: Callable[[Path, str], None] | None = None,
+) -> pd.DataFrame:
+    """One tidy table from all jobs; refuses any job not written under SCHEMA_VERSION.
+
+    Refusing (rather than coercing) is the point: a schema change means the rows
+    mean something else, and a silently mixed report would be wrong.
+
+    A results.parquet that cannot be read (truncated, empty, garbage) is skipped:
+    `on_unreadable(path, reason)` is called for it (default: an
+    UnreadableResultsWarning naming it). If every file is unreadable,
+    NoReadableResults is raised.
+    """
+    frames = []
+    unreadable: list[tuple[Path, str]] = []
+    for d in job_dirs:
+        f = Path(d) / RESULTS_FILE
+        summary = read_summary(Path(d)) or {}
+        written_by = (
+            f" (written by lac {summary['lac_version']})" if "lac_version" in summary else ""
+        )
+        if "schema" in summary and summary["schema"] != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{Path(d) / SUMMARY_FILE}: schema {summary['schema']!r}{written_by}; "
+                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+            )
+        try:
+            df = pd.read_parquet(f)
+        except UNREADABLE_ERRORS as e:
+            why = f"{type(e).__name__}: {e}"
+            unreadable.append((f, why))
+            if on_unreadable is None:
+                warnings.warn(
+                    f"skipped unreadable results file {f} ({why})",
+                    UnreadableResultsWarning,
+                    stacklevel=2,
+                )
+            else:
+                on_unreadable(f, why)
+            continue
+        if "schema" not in df.columns:
+            raise SchemaError(
+                f"{f}: no 'schema' column{written_by}; "
+                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+            )
+        col = df["schema"]
+        if col.isna().any() or (col.dropna() != SCHEMA_VERSION).any():
+            shown = ", ".join(str(v) for v in sorted(set(col.dropna().tolist()))) or "missing"
+            raise SchemaError(
+                f"{f}: schema {shown}{written_by}; "
+                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+            )
+        missing = [c for c in COLUMNS if c not in df.columns]
+        if missing:
+            raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
+        frames.append(df[list(COLUMNS)])
+    if unreadable and not frames:
+        raise NoReadableResults(unreadable)
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+    out = pd.concat(frames, ignore_index=True).astype(COLUMNS)
+    out["layers"] = out["layers"].map(_norm_layers).astype("string")
+    return out
+
+
+def drop_duplicate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the last copy of a row measured twice (e.g. a sweep run again).
+
+    Two copies of one cell would count it twice in every median.
+    """
+    key = [c for c in COLUMNS if c not in ("value", "schema")]
+    dup = df.duplicated(subset=key, keep="last")
+    return df[~dup].reset_index(drop=True), int(dup.sum())
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic(path: Path, write: Any) -> Path:
+    """Write via a temp file in the same dir, then os.replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    return _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_text(text: str, path: Path) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
