@@ -410,42 +410,106 @@ def test_host_table_lists_layer_sets_separately_with_published():
 # --------------------------------------------------------------------------- figures
 
 
-def test_kl_by_layer_figure_panels_and_lines():
+def _model_lines(ax) -> dict[str, object]:
+    """The per-model median lines of a panel (not the band, the paper's markers or KL = 0.1)."""
+    return {
+        ln.get_label(): ln
+        for ln in ax.get_lines()
+        if ln.get_linestyle() == "-" and not ln.get_label().startswith("_")
+    }
+
+
+def test_kl_by_layer_figure_overlays_models_per_site():
+    """One panel per (grid, site), one line per model on x = layer / depth, one y range, the
+    paper's medians as markers for its models, the dotted KL = 0.1 line named in the legend."""
     df = pd.concat(
         [
             sweep_frame("a", OTHER, "short"),
             sweep_frame("a", OTHER, "long", layers=(6, 13, 17)),
-            sweep_frame("b", GEMMA, "short"),
+            sweep_frame("b", GEMMA, "short", layers=(6, 10, 14), seed=7),
         ],
         ignore_index=True,
     )
-    # panel (b, long) with only two of the three transition sites
-    only2 = sweep_frame("b", GEMMA, "long")
-    df = pd.concat([df, only2[only2.site != "g2"]], ignore_index=True)
-    fig = report.kl_by_layer_figure(df)
-    assert len(fig.axes) == 4
-    n_lines = [len(ax.get_lines()) for ax in fig.axes]
-    assert n_lines == [4, 4, 4, 3]  # one per site + the KL = 0.1 line
+    depths = {("a", OTHER): 24, ("b", GEMMA): 26}
+    fig = report.kl_by_layer_figure(df, depths=depths)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["a · short", "a · long", "b · short", "b · long"]
-    threshold = fig.axes[0].get_lines()[-1]
-    assert threshold.get_linestyle() == ":" and set(threshold.get_ydata()) == {0.1}
-    # medians drawn are the summary's medians
+    assert titles == [f"{s} · grid {g}" for g in ("short", "long") for s in ("p_last", "g1", "g2")]
+    short_p_last = fig.axes[0]
+    lines = _model_lines(short_p_last)
+    assert sorted(lines) == ["a", "b"]  # both models in one panel
+    assert sorted(_model_lines(fig.axes[3])) == ["a"]  # grid long: model a only
+    np.testing.assert_allclose(lines["a"].get_xdata(), np.array([6, 10, 14]) / 24)
+    np.testing.assert_allclose(lines["b"].get_xdata(), np.array([6, 10, 14]) / 26)
     s = report.kl_summary(df)
-    want = s[(s.model == "a") & (s.grid == "short") & (s.site == "p_last")]
-    want = want[want.intervention == "additive"].sort_values("layer")["median"].to_numpy()
-    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), want)
-    assert fig.axes[0].get_yscale() == "log"
+    want = s[(s.model == "b") & (s.grid == "short") & (s.site == "p_last") & (s.intervention == "additive")]
+    np.testing.assert_allclose(lines["b"].get_ydata(), want.sort_values("layer")["median"].to_numpy())
+    ticks = [t.get_text() for t in short_p_last.get_xticklabels()]
+    assert ticks == ["0", "0.25", "0.5", "0.75", "1"] and short_p_last.get_xlabel() == "layer / model depth"
+    assert all(0 <= v <= 1 for v in short_p_last.get_xticks())
+    legend = [t.get_text() for t in short_p_last.get_legend().get_texts()]
+    assert report.figures.THRESHOLD_LABEL in legend and "b, paper median" in legend
+    assert "a, paper median" not in legend  # not one of the paper's models
+    (paper,) = [ln for ln in short_p_last.get_lines() if ln.get_label() == "b, paper median"]
+    pub = report.load_paper_tables()["table1_short_grid_additive_kl"][GEMMA]["p_last"]
+    assert sorted(paper.get_ydata()) == sorted(float(v[0]) for v in pub.values())
+    threshold = [ln for ln in short_p_last.get_lines() if ln.get_linestyle() == ":"]
+    assert len(threshold) == 1 and set(threshold[0].get_ydata()) == {0.1}
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1  # one y range for every panel
+    assert short_p_last.get_yscale() == "log"
+    # the switch to absolute layers
+    fig = report.kl_by_layer_figure(df, depths=depths, x="layer")
+    np.testing.assert_array_equal(_model_lines(fig.axes[0])["b"].get_xdata(), [6, 10, 14])
+    assert fig.axes[0].get_xlabel() == "layer"
 
 
-def test_geometry_figure_panels_and_lines():
+def test_geometry_figure_overlays_models_and_names_the_metric():
     df = pd.concat(
-        [sweep_frame("a", OTHER, "short"), sweep_frame("a", OTHER, "long")], ignore_index=True
+        [sweep_frame("a", OTHER, "short"), sweep_frame("b", GEMMA, "short", seed=3)], ignore_index=True
     )
-    fig = report.geometry_by_layer_figure(df)
-    assert len(fig.axes) == 2
-    assert [len(ax.get_lines()) for ax in fig.axes] == [9, 9]  # 3 sites x 3 metrics
+    fig = report.geometry_by_layer_figure(df, depths={("a", OTHER): 24, ("b", GEMMA): 26})
+    assert len(fig.axes) == 9  # 3 metrics x 3 sites
+    assert [ax.get_ylabel() for ax in fig.axes[::3]] == [
+        "median cos(ΔXY, ΔX+ΔY)", "median cos(ΔX, ΔY)", "median |Inter| / |ΔXY|"
+    ]
+    assert all(sorted(_model_lines(ax)) == ["a", "b"] for ax in fig.axes)
     assert report.geometry_by_layer_figure(df[df.intervention != "decomposition"]) is None
+
+
+def _job_summary(model: str, model_id: str, n_layers: int) -> dict:
+    return {"config": {"model": {"name": model, "id": model_id, "n_layers": n_layers}}}
+
+
+def test_same_figure_from_one_multi_layer_job_and_the_equivalent_sweep(tmp_path: Path):
+    """`layer=[6,10,14]` in one job per model, or `-m layer=6,10,14`: the same lines."""
+    frames = {"a": sweep_frame("a", OTHER, "short"), "b": sweep_frame("b", GEMMA, "short", seed=5)}
+    depth = {"a": 24, "b": 26}
+    ids = {"a": OTHER, "b": GEMMA}
+    for m, f in frames.items():
+        write_job(tmp_path / "multi" / m, f, _job_summary(m, ids[m], depth[m]))
+        for k, L in enumerate((6, 10, 14)):
+            part = f[(f.layer == L) | (f.layers == "")] if k == 0 else f[f.layer == L]
+            write_job(tmp_path / "sweep" / f"{m}{k}", part, _job_summary(m, ids[m], depth[m]))
+    figs = {}
+    for name in ("multi", "sweep"):
+        jobs = report.find_job_dirs([tmp_path / name]).jobs
+        df = report.load_results(jobs)
+        depths = report.model_depths(jobs, df)
+        assert depths == {("a", OTHER): 24, ("b", GEMMA): 26}
+        figs[name] = [report.kl_by_layer_figure(df, depths), report.geometry_by_layer_figure(df, depths)]
+    for f_multi, f_sweep in zip(figs["multi"], figs["sweep"], strict=True):
+        assert len(f_multi.axes) == len(f_sweep.axes)
+        for a, b in zip(f_multi.axes, f_sweep.axes, strict=True):
+            la, lb = _model_lines(a), _model_lines(b)
+            assert sorted(la) == sorted(lb) == ["a", "b"]
+            for m in la:
+                np.testing.assert_array_equal(la[m].get_xydata(), lb[m].get_xydata())
+
+
+def test_console_legend_only_with_published_values():
+    other = report.build_tables(sweep_frame("m", OTHER, "short"))
+    assert "outside the published" not in report.render_short(other)
+    gemma = report.build_tables(sweep_frame("g", GEMMA, "short"))
+    assert "* = lac median outside the published [p25, p75]" in report.render_short(gemma)
 
 
 def test_cli_writes_figures_tables_and_parquet(multirun: Path, capsys):

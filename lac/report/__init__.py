@@ -1,4 +1,4 @@
-"""`python -m lac.report PATH... [--out DIR] [--wandb]`: tables and figures from lac jobs.
+"""`python -m lac.report PATH... [--out DIR] [--wandb] [--x frac|layer]`: tables and figures from lac jobs.
 
 Reads every job directory (a directory holding `results.parquet`) under the given
 paths, checks the tidy schema, pools the rows into one table and writes, under
@@ -6,8 +6,10 @@ paths, checks the tidy schema, pools the rows into one table and writes, under
 
     results.parquet        all rows, exactly the columns of `lac.schema.COLUMNS`
     tables.md              tables 1-4 of the paper, lac next to the published numbers
-    figures/kl_by_layer.{png,pdf}        the paper's Figure 1
-    figures/geometry_by_layer.{png,pdf}
+    figures/kl_by_layer.{png,pdf}        the paper's Figure 1 across models: one panel per
+                                         (grid, site), one line per model, x = layer / depth
+                                         (--x layer: absolute), published medians as diamonds
+    figures/geometry_by_layer.{png,pdf}  the same per geometry metric
     report.json            what was read and written (also marks this dir as a report,
                            so a later run over the same root does not read it back)
 
@@ -20,6 +22,10 @@ A results.parquet that cannot be read at all (truncated, empty, not parquet) is
 skipped with a warning naming it, and the report is built from the others; one
 that reads but carries another schema is refused (exit 3), as before: its rows
 mean something else, so a report without them would be silently partial.
+
+Modules: loading (find, read, validate, write), published (the paper's numbers), summaries
+(medians/IQRs over cells, via lac.stats), tables (display tables, markdown), figures,
+wandb_upload (--wandb), cli. Everything is re-exported here.
 
 Exit codes: 0 done; 2 no results under the paths (or none of them readable);
 3 results refused (schema).
@@ -61,8 +67,9 @@ from lac.report._common import (  # noqa: I001
 )
 from lac.report.cli import default_out, main, parse_args
 from lac.report.figures import (
+    GEOMETRY_LABELS,
+    X_MODES,
     _new_figure,
-    _panels,
     geometry_by_layer_figure,
     kl_by_layer_figure,
     save_figure,
@@ -78,6 +85,7 @@ from lac.report.loading import (
     drop_duplicate_rows,
     find_job_dirs,
     load_results,
+    model_depths,
     read_summary,
     write_parquet,
     write_text,
@@ -118,6 +126,9 @@ from lac.report.tables import (
 from lac.report.wandb_upload import _tracker_config, upload_to_wandb, wandb_group, wandb_mode
 
 __all__ = [
+    "GEOMETRY_LABELS",
+    "X_MODES",
+    "model_depths",
     "EXIT_NO_RESULTS",
     "EXIT_OK",
     "EXIT_REFUSED",
@@ -188,7 +199,6 @@ __all__ = [
     "to_markdown",
     "render_markdown",
     "render_short",
-    "_panels",
     "_new_figure",
     "kl_by_layer_figure",
     "geometry_by_layer_figure",

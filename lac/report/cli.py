@@ -29,6 +29,7 @@ from lac.report.loading import (
     drop_duplicate_rows,
     find_job_dirs,
     load_results,
+    model_depths,
     write_parquet,
     write_text,
 )
@@ -66,6 +67,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=None, help="output dir (default: <first PATH>/report)"
     )
     ap.add_argument("--wandb", action="store_true", help="upload tables and figures to one W&B run")
+    ap.add_argument(
+        "--x",
+        choices=("frac", "layer"),
+        default="frac",
+        help="figures' x axis: layer as a fraction of the model's depth (default; models of "
+        "different depth line up) or the absolute layer",
+    )
     return ap.parse_args(argv)
 
 
@@ -138,11 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     written["tables"] = str(write_text(render_markdown(report, header), out / "tables.md"))
 
     figures: dict[str, Path] = {}
+    depths = model_depths(jobs, df)
     for name, make in (
         ("kl_by_layer", kl_by_layer_figure),
         ("geometry_by_layer", geometry_by_layer_figure),
     ):
-        fig = make(df)
+        fig = make(df, depths=depths, x=args.x)
         if fig is None:
             print(f"lac.report: no data for figure {name}; skipped")
             continue

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lac.report._common import (
@@ -19,6 +20,7 @@ from lac.report._common import (
 from lac.report.loading import (
     _atomic,
 )
+from lac.report.published import load_paper_tables, published_geometry, published_kl
 from lac.report.summaries import (
     geometry_summary,
     kl_summary,
@@ -27,29 +29,67 @@ from lac.schema import GEOMETRY_METRICS
 
 # --------------------------------------------------------------------------- figures
 
+GEOMETRY_LABELS = {
+    "cos_xy_sum": "cos(ΔXY, ΔX+ΔY)",
+    "cos_x_y": "cos(ΔX, ΔY)",
+    "inter_ratio": "|Inter| / |ΔXY|",
+}
+X_MODES = ("frac", "layer")
+THRESHOLD_LABEL = f"KL = {KL_THRESHOLD} (paper's Fig. 1 reference)"
 
-def _panels(df: pd.DataFrame) -> list[tuple[str, str, str]]:
-    trip = {
-        (str(m), str(i), str(g))
-        for m, i, g in zip(df["model"], df["model_id"], df["grid"], strict=True)
-    }
-    return sorted(trip, key=lambda t: (t[0], t[1], _grid_key(t[2])))
 
-
-def _new_figure(n: int) -> tuple[Any, int, int]:
+def _new_figure(nrows: int, ncols: int) -> Any:
     from matplotlib.figure import Figure  # the OO API: no pyplot state, no GUI backend
 
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    return Figure(figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained"), nrows, ncols
+    return Figure(figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained")
 
 
-def kl_by_layer_figure(df: pd.DataFrame) -> Any | None:
-    """The paper's Figure 1: median additive KL vs layer with a 25-75% band, per (model, grid).
+def _models(s: pd.DataFrame) -> list[tuple[str, str]]:
+    return sorted({(str(m), str(i)) for m, i in zip(s["model"], s["model_id"], strict=True)})
 
-    Each panel holds one line per site (p_last, g1, g2 present) plus the dotted
-    KL = 0.1 line; None when there is no single-layer additive KL.
+
+def _xs(layers: Any, depth: int | None, x: str) -> np.ndarray:
+    layers = np.asarray(list(layers), dtype=float)
+    return layers / depth if x == "frac" and depth else layers
+
+
+def _x_axis(ax: Any, x: str, layers: set[int], fractions: bool) -> None:
+    if x == "frac" and fractions:
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xticklabels(["0", "0.25", "0.5", "0.75", "1"])
+        ax.set_xlabel("layer / model depth")
+    else:
+        ax.set_xticks(sorted(layers))
+        ax.set_xlabel("layer")
+
+
+def _check_x(x: str) -> None:
+    if x not in X_MODES:
+        raise ValueError(f"x={x!r}: choose one of {', '.join(X_MODES)}")
+
+
+def _layout(panels: list[Any]) -> tuple[int, int]:
+    ncols = min(len(panels), 3)
+    return math.ceil(len(panels) / ncols), ncols
+
+
+def kl_by_layer_figure(
+    df: pd.DataFrame,
+    depths: dict[tuple[str, str], int] | None = None,
+    x: str = "frac",
+    paper: dict[str, Any] | None = None,
+) -> Any | None:
+    """The paper's Figure 1 across models: median additive KL against depth, one panel per
+    (grid, site), one line per model (band: p25-p75), all panels on one log y scale; the paper's
+    published medians as hollow diamonds for its three models; dotted KL = 0.1 in the legend.
+
+    x="frac": layer / n_layers (``depths``, from the jobs' configs), so models of different
+    depth line up; x="layer": absolute layers. None when there is no single-layer additive KL.
     """
+    _check_x(x)
+    depths = depths or {}
+    paper = load_paper_tables() if paper is None else paper
     s = kl_summary(df)
     s = s[
         (s["intervention"] == "additive")
@@ -58,74 +98,105 @@ def kl_by_layer_figure(df: pd.DataFrame) -> Any | None:
     ]
     if s.empty:
         return None
-    panels = _panels(s)
-    fig, nrows, ncols = _new_figure(len(panels))
+    panels = sorted({(str(g), str(t)) for g, t in zip(s["grid"], s["site"], strict=True)},
+                    key=lambda p: (_grid_key(p[0]), _site_key(p[1])))
+    models = _models(s)
     labels = model_labels(s)
-    colors = {"p_last": "C0", "g1": "C1", "g2": "C2"}
-    for k, (model, model_id, grid) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        p = s[(s["model"] == model) & (s["model_id"] == model_id) & (s["grid"] == grid)]
-        for site in FIGURE1_SITES:
-            q = p[p["site"] == site].sort_values("layer")
+    colors = {m: f"C{k}" for k, m in enumerate(models)}
+    fractions = all(m in depths for m in models)
+    nrows, ncols = _layout(panels)
+    fig = _new_figure(nrows, ncols)
+    first = None
+    for k, (grid, site) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, k + 1, sharey=first)
+        first = first or ax
+        p = s[(s["grid"] == grid) & (s["site"] == site)]
+        layers: set[int] = set()
+        for model, model_id in models:
+            q = p[(p["model"] == model) & (p["model_id"] == model_id)].sort_values("layer")
             if q.empty:
                 continue
-            ax.plot(q["layer"], q["median"], marker="o", color=colors[site], label=site)
-            ax.fill_between(
-                q["layer"], q["p25"], q["p75"], color=colors[site], alpha=0.2, linewidth=0
-            )
-        ax.axhline(
-            KL_THRESHOLD, color="k", linestyle=":", linewidth=1, label=f"KL = {KL_THRESHOLD}"
-        )
+            depth = depths.get((model, model_id)) if fractions else None
+            xs = _xs(q["layer"], depth, x)
+            layers |= {int(v) for v in q["layer"]}
+            c = colors[(model, model_id)]
+            ax.plot(xs, q["median"], marker="o", color=c, label=labels[(model, model_id)])
+            ax.fill_between(xs, q["p25"], q["p75"], color=c, alpha=0.15, linewidth=0)
+            pub = [(L, published_kl(paper, model_id, grid, site, L)) for L in _paper_layers(paper, model_id, grid, site)]
+            pub = [(L, v) for L, v in pub if v is not None]
+            if pub:
+                ax.plot(_xs([L for L, _ in pub], depth, x), [v[0] for _, v in pub], linestyle="none",
+                        marker="D", markerfacecolor="none", color=c,
+                        label=f"{labels[(model, model_id)]}, paper median")
+        ax.axhline(KL_THRESHOLD, color="k", linestyle=":", linewidth=1, label=THRESHOLD_LABEL)
         ax.set_yscale("log", nonpositive="clip")
-        ax.set_xticks(sorted({int(x) for x in p["layer"]}))
-        ax.set_title(f"{labels[(model, model_id)]} · {grid}", fontsize=10)
-        ax.set_xlabel("layer")
+        _x_axis(ax, x, layers, fractions)
+        ax.set_title(f"{site} · grid {grid}", fontsize=10)
         ax.set_ylabel("additive KL (nats, 10 tokens)")
         ax.legend(fontsize=7)
+    fig.suptitle("Median causal KL of additive substitution over cells (band: p25–p75)", fontsize=10)
     return fig
 
 
-def geometry_by_layer_figure(df: pd.DataFrame) -> Any | None:
-    """Median cos(dXY, dX+dY), cos(dX, dY), |Inter|/|dXY| vs layer per site, per (model, grid).
+def _paper_layers(paper: dict[str, Any], model_id: str, grid: str, site: str) -> list[int]:
+    from lac.report._common import PAPER_KL_TABLES
 
-    One line per (site, metric) present; colour = site, line style = metric.
-    """
-    from matplotlib.lines import Line2D
+    table = paper.get(PAPER_KL_TABLES.get(grid, ""), {}) if grid in PAPER_KL_TABLES else {}
+    return sorted(int(L) for L in (table.get(model_id, {}).get(site, {}) or {}))
 
+
+def geometry_by_layer_figure(
+    df: pd.DataFrame,
+    depths: dict[tuple[str, str], int] | None = None,
+    x: str = "frac",
+    paper: dict[str, Any] | None = None,
+) -> Any | None:
+    """Median cos(ΔXY, ΔX+ΔY), cos(ΔX, ΔY), |Inter|/|ΔXY| against depth: one row of panels per
+    metric (its y label names it), one column per (grid, site), one line per model; the paper's
+    quoted medians as hollow diamonds. None without geometry rows."""
+    _check_x(x)
+    depths = depths or {}
+    paper = load_paper_tables() if paper is None else paper
     s = geometry_summary(df)
     if s.empty:
         return None
-    panels = _panels(s)
-    fig, nrows, ncols = _new_figure(len(panels))
+    metrics = [m for m in GEOMETRY_METRICS if (s["metric"] == m).any()]
+    cols = sorted({(str(g), str(t)) for g, t in zip(s["grid"], s["site"], strict=True)},
+                  key=lambda p: (_grid_key(p[0]), _site_key(p[1])))
+    models = _models(s)
     labels = model_labels(s)
-    styles = {"cos_xy_sum": "-", "cos_x_y": "--", "inter_ratio": "-."}
-    sites = sorted(set(s["site"]), key=_site_key)
-    colors = {site: f"C{i}" for i, site in enumerate(sites)}
-    for k, (model, model_id, grid) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        p = s[(s["model"] == model) & (s["model_id"] == model_id) & (s["grid"] == grid)]
-        used_sites, used_metrics = [], []
-        for site in sites:
-            for metric in GEOMETRY_METRICS:
-                q = p[(p["site"] == site) & (p["metric"] == metric)].sort_values("layer")
+    colors = {m: f"C{k}" for k, m in enumerate(models)}
+    fractions = all(m in depths for m in models)
+    fig = _new_figure(len(metrics), len(cols))
+    for r, metric in enumerate(metrics):
+        first = None
+        for c, (grid, site) in enumerate(cols):
+            ax = fig.add_subplot(len(metrics), len(cols), r * len(cols) + c + 1, sharey=first)
+            first = first or ax
+            p = s[(s["grid"] == grid) & (s["site"] == site) & (s["metric"] == metric)]
+            layers: set[int] = set()
+            for model, model_id in models:
+                q = p[(p["model"] == model) & (p["model_id"] == model_id)].sort_values("layer")
                 if q.empty:
                     continue
-                ax.plot(
-                    q["layer"],
-                    q["median"],
-                    linestyle=styles[metric],
-                    marker=".",
-                    color=colors[site],
-                )
-                used_sites += [site] if site not in used_sites else []
-                used_metrics += [metric] if metric not in used_metrics else []
-        handles = [Line2D([], [], color=colors[x], label=x) for x in used_sites]
-        handles += [Line2D([], [], color="k", linestyle=styles[m], label=m) for m in used_metrics]
-        ax.legend(handles=handles, fontsize=7)
-        ax.set_xticks(sorted({int(x) for x in p["layer"]}))
-        ax.set_title(f"{labels[(model, model_id)]} · {grid}", fontsize=10)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("median")
+                depth = depths.get((model, model_id)) if fractions else None
+                layers |= {int(v) for v in q["layer"]}
+                color = colors[(model, model_id)]
+                ax.plot(_xs(q["layer"], depth, x), q["median"], marker=".", color=color,
+                        label=labels[(model, model_id)])
+                pub = [(int(L), published_geometry(paper, model_id, grid, site, int(L), metric))
+                       for L in sorted(set(q["layer"]))]
+                pub = [(L, v) for L, v in pub if v is not None]
+                if pub:
+                    ax.plot(_xs([L for L, _ in pub], depth, x), [v for _, v in pub], linestyle="none",
+                            marker="D", markerfacecolor="none", color=color,
+                            label=f"{labels[(model, model_id)]}, paper median")
+            _x_axis(ax, x, layers, fractions)
+            ax.set_title(f"{site} · grid {grid}", fontsize=10)
+            ax.set_ylabel(f"median {GEOMETRY_LABELS.get(metric, metric)}")
+            if layers:
+                ax.legend(fontsize=7)
+    fig.suptitle("Geometry of the 2x2 decomposition: median over cells", fontsize=10)
     return fig
 
 

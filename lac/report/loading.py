@@ -214,3 +214,40 @@ def write_parquet(df: pd.DataFrame, path: Path) -> Path:
 
 def write_text(text: str, path: Path) -> Path:
     return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _conf_depths() -> dict[str, int]:
+    """n_layers of every model config lac ships (conf/model/*.yaml), by config name and by id."""
+    import yaml
+
+    from lac.paths import conf_dir
+
+    out: dict[str, int] = {}
+    for f in sorted((Path(conf_dir()) / "model").glob("*.yaml")):
+        try:
+            m = yaml.safe_load(f.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        if m.get("n_layers"):
+            for k in (m.get("name"), m.get("id")):
+                if k:
+                    out[str(k)] = int(m["n_layers"])
+    return out
+
+
+def model_depths(job_dirs: Sequence[Path] = (), df: pd.DataFrame | None = None) -> dict[tuple[str, str], int]:
+    """Depth (n_layers) per (model, model_id): the jobs' summary.json config first, then lac's
+    model configs by id or name. Models found in neither are left out (figures then use absolute layers)."""
+    out: dict[tuple[str, str], int] = {}
+    for d in job_dirs:
+        config = (read_summary(Path(d)) or {}).get("config")
+        model = config.get("model") if isinstance(config, dict) else None
+        if isinstance(model, dict) and model.get("n_layers") and model.get("name"):
+            out.setdefault((str(model["name"]), str(model.get("id"))), int(model["n_layers"]))
+    if df is not None and not df.empty:
+        known = _conf_depths()
+        for m, i in {(str(m), str(i)) for m, i in zip(df["model"], df["model_id"], strict=True)}:
+            n = out.get((m, i)) or known.get(i) or known.get(m)
+            if n:
+                out[(m, i)] = n
+    return out

@@ -349,6 +349,6 @@ def render_short(report: Report) -> str:
     parts = []
     for t in report.short:
         parts += [t.title, to_markdown(t.frame), *[f"  ({n})" for n in t.notes], ""]
-    if parts:
+    if any(c.endswith("paper") or " paper" in c for t in report.short for c in map(str, t.frame.columns)):
         parts.append("* = lac median outside the published [p25, p75]")
     return "\n".join(parts)
