@@ -18,6 +18,22 @@ from torch import nn
 
 NAME = "lac_grouped_eager"
 
+# Attention edits of the forward that is running (set by `attention_edits`), per layer index:
+# "knock": [(row, first key column, end column)]: those keys get -inf logits for every query;
+# "probe": [(row, first key column, end column)]: the softmax mass of those keys is recorded
+# into "mass" as [heads, queries] per (layer, row). Only lac's grouped eager attention reads them.
+_EDITS: dict[str, dict] = {}
+
+
+@contextmanager
+def attention_edits(knock: dict | None = None, probe: dict | None = None):
+    """Knock out keys / record attention mass in the forwards run inside this block."""
+    _EDITS.update(knock=knock or {}, probe=probe or {}, mass={})
+    try:
+        yield _EDITS["mass"]
+    finally:
+        _EDITS.clear()
+
 
 def grouped_eager(
     module: nn.Module,
@@ -42,7 +58,15 @@ def grouped_eager(
         w = torch.tanh(w / softcap) * softcap
     if attention_mask is not None:
         w = w + attention_mask
+    layer = getattr(module, "layer_idx", None)
+    if _EDITS and layer in _EDITS["knock"]:
+        w = w.clone()
+        for row, lo, hi in _EDITS["knock"][layer]:
+            w[row, :, :, lo:hi] = float("-inf")
     w = nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    if _EDITS and layer in _EDITS["probe"]:
+        for row, lo, hi in _EDITS["probe"][layer]:
+            _EDITS["mass"][(layer, row)] = w[row, :, :, lo:hi].sum(-1).float().cpu()
     out = torch.matmul(w.view(b, kvh, g * q, n), value).view(b, h, q, d)
     return out.transpose(1, 2).contiguous(), w
 
@@ -56,11 +80,19 @@ def _register() -> None:
         ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)
 
 
+def supports_edits(model: nn.Module) -> bool:
+    """Knockout and attention mass need lac's grouped eager attention: eager-configured models only."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", NAME)
+
+
 @contextmanager
 def grouped_attention(model: nn.Module):
     """Run `model` with grouped eager attention if it is configured as eager (else unchanged)."""
     cfg = model.config
     if getattr(cfg, "_attn_implementation", None) != "eager":
+        if _EDITS and (_EDITS["knock"] or _EDITS["probe"]):
+            raise ValueError(f"attention knockout / attention mass need eager attention; this model runs "
+                             f"{cfg._attn_implementation!r}: set model.attn_implementation=eager")
         yield
         return
     _register()

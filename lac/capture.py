@@ -109,6 +109,7 @@ def capture_cells(
     roles: Iterable[str] = ("BB", "XB", "BY", "XY"),
     hosts: Iterable[str] = ("XY",),
     trace_hosts: Iterable[str] = (),
+    span_hosts: Iterable[str] = (),
     depth: int | None = None,
     batch_size: int = 16,
     known: dict[str, CellCapture] | None = None,
@@ -118,6 +119,8 @@ def capture_cells(
     roles: prompt roles whose site residuals are kept (down to `depth` blocks).
     hosts: roles whose clean window log-probs are kept (full depth).
     trace_hosts: hosts whose traces patched rows will continue.
+    span_hosts: trace hosts whose block inputs are kept from the persona span's end (rows that
+    re-run every post-persona position start there).
     known: captures already at hand (memory or disk) by cell key; only what
     they lack is computed. A known cell's XY trace is teacher-forced on its
     stored reference (never decoded again).
@@ -125,8 +128,13 @@ def capture_cells(
     n_layers = lm.n_layers
     depth = n_layers if depth is None else depth
     hosts = set(hosts) | {"XY"}
-    trace_hosts = set(trace_hosts)
+    trace_hosts = set(trace_hosts) | set(span_hosts)
+    span_hosts = set(span_hosts)
     roles = list(dict.fromkeys([*roles, *sorted(hosts)]))
+
+    def first(c: CellCapture, role: str) -> int:
+        p = c.prompts[role]
+        return min(p.p_user_last, p.span[1]) if role in span_hosts and p.span else p.p_user_last
     known = known or {}
     caps = []
     for c in cells:
@@ -139,6 +147,7 @@ def capture_cells(
         return not c.ref or (
             c.depth(role) < (n_layers if host else depth) or (host and role not in c.logp)
             or (role in trace_hosts and role not in c.traces)
+            or (role in c.traces and c.traces[role].first > first(c, role))
         )
 
     # the prompts every role still needs run as one prefix tree
@@ -147,7 +156,7 @@ def capture_cells(
     for role, cs in todo.items():
         for c in cs:
             p = c.prompts[role]
-            w = Want(n_layers if role in hosts else depth, p.p_user_last, logp_last=role in hosts)
+            w = Want(n_layers if role in hosts else depth, first(c, role), logp_last=role in hosts)
             wants[p.ids] = wants[p.ids].merge(w) if p.ids in wants else w
     prompt_traces = prefix_traces(lm, wants) if wants else {}
 

@@ -56,7 +56,14 @@ def n_layers_of(model_cfg: DictConfig) -> int:
 
 
 def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
-    """An int, a list, or a name: paper / long (the model's grids) or a model.layer_sets key."""
+    """An int, a list, "from:L" (L..n_layers-1), or a name: paper / long (the model's grids) or a
+    model.layer_sets key."""
+    if isinstance(value, str) and value.startswith("from:"):
+        n = n_layers_of(model_cfg)
+        start = value[5:]
+        if not start.lstrip("-").isdigit() or not 0 <= int(start) < n:
+            raise ConfigError(f"{what}={value!r}: 'from:L' needs an integer L in 0..{n - 1} ({model_cfg.name} has {n} layers)")
+        return list(range(int(start), n))
     if isinstance(value, str):
         named = {"paper": model_cfg.get("paper_layers"), "long": model_cfg.get("long_layers"),
                  **dict(model_cfg.get("layer_sets") or {})}
@@ -130,6 +137,9 @@ def build_spec(cfg: DictConfig) -> Spec:
         iv = get_intervention(cfg.intervention.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if iv.attention and m.get("attn_implementation") != "eager":
+        raise ConfigError(f"intervention {iv.name} edits attention, which needs eager attention; "
+                          f"{m.name} is configured with {m.get('attn_implementation')!r}: set model.attn_implementation=eager")
     iv_layers = cfg.intervention.get("layers")
     jobs: list[Job] = []
     for site in sites:

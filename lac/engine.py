@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lac.attention import grouped_attention
+from lac.attention import attention_edits, grouped_attention
 from lac.models import LoadedModel
 
 # (layer, local position in the row's new tokens, vector [d_model])
@@ -63,6 +63,7 @@ class Trace:
     first: int
     depth: int
     logp: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> [vocab] log-probs
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [heads, new tokens]: attention on a probed span
 
     def h(self, layer: int, pos: int) -> torch.Tensor:
         """Input of block `layer` at sequence position `pos` (the paper's h_L at a site)."""
@@ -79,6 +80,10 @@ class Row:
     prefix: Trace | None = None
     start: int = 0
     patches: list[Patch] = field(default_factory=list)
+    # (layer, first, end): keys at sequence positions first..end-1 get no attention from this row's
+    # new tokens at that layer (attention knockout; kept through `greedy`'s generation)
+    knockout: list[tuple[int, int, int]] = field(default_factory=list)
+    probe: tuple[int, int] | None = None  # key positions whose attention mass is recorded at every layer run
 
 
 @contextmanager
@@ -154,7 +159,8 @@ def run_rows(
     and new lengths. capture: keep inputs of blocks start_layer..depth-1 for new
     tokens from local index `capture_from` on. logp_at: per row, local indices of
     new tokens whose next-token log-probs are returned (the head runs on those
-    positions only). start_layer > 0 needs every row to have a prefix trace
+    positions only); asking for any with depth < n_layers, or for an index outside
+    a row's new tokens, raises ValueError. start_layer > 0 needs every row to have a prefix trace
     holding the clean block input at that layer for the new positions.
     """
     model, device, dtype = lm.model, lm.device, lm.dtype
@@ -162,6 +168,8 @@ def run_rows(
     depth = n_layers if depth is None else depth
     if keep_kv and start_layer > 0:
         raise ValueError("keep_kv needs start_layer=0: skipped blocks add no KV for the new tokens")
+    if logp_at is not None:
+        _check_logp_at(rows, logp_at, depth, n_layers)
     has_prefix = [r.prefix is not None and r.start > 0 for r in rows]
     lens = [len(r.ids) for r in rows]
     n = max(lens)
@@ -225,7 +233,16 @@ def run_rows(
         kwargs["input_ids"] = input_ids.to(device)
     last = None
     _count(sum(lens), depth - start_layer)
-    with torch.inference_mode(), _hooks(lm, fns, skip_below=start_layer):
+    knock: dict[int, list] = {}
+    probe: dict[int, list] = {}
+    for b, r in enumerate(rows):
+        col = m - starts[b]  # column of sequence position 0 in this row's padded KV
+        for L, lo, hi in r.knockout:
+            knock.setdefault(L, []).append((b, col + lo, col + hi))
+        if r.probe is not None:
+            for L in range(start_layer, depth):
+                probe.setdefault(L, []).append((b, col + r.probe[0], col + r.probe[1]))
+    with torch.inference_mode(), attention_edits(knock, probe) as mass, _hooks(lm, fns, skip_below=start_layer):
         try:
             last = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
         except StopForward:
@@ -250,8 +267,27 @@ def run_rows(
             check_finite(hidden, lm, "hidden states")
         t = Trace(ids, kv, hidden, first=starts[b] + capture_from, depth=depth)
         t.logp = {starts[b] + j: v for j, v in logp.get(b, {}).items()}
+        t.mass = {L: v[:, : lens[b]] for (L, row), v in mass.items() if row == b}
         traces.append(t)
     return traces
+
+
+def _check_logp_at(rows: Sequence[Row], logp_at: Sequence[Sequence[int]], depth: int, n_layers: int) -> None:
+    """Log-probs asked where none can exist is an error, never an empty answer (empty lists ask nothing)."""
+    if depth != n_layers and any(len(cols) for cols in logp_at):
+        raise ValueError(
+            f"logp_at needs the head, which runs after block {n_layers - 1}; this forward runs "
+            f"depth={depth} of {n_layers} blocks: pass depth={n_layers} (or None) or drop logp_at"
+        )
+    if len(logp_at) != len(rows):
+        raise ValueError(f"logp_at gives index lists for {len(logp_at)} rows; the batch has {len(rows)} rows")
+    for b, (row, cols) in enumerate(zip(rows, logp_at, strict=True)):
+        bad = [j for j in cols if not 0 <= j < len(row.ids)]
+        if bad:
+            raise ValueError(
+                f"logp_at row {b}: local indices {bad} are outside its {len(row.ids)} new tokens "
+                f"(possible: 0..{len(row.ids) - 1})"
+            )
 
 
 def _log_probs(lm: LoadedModel, last: torch.Tensor, logp_at: Sequence[Sequence[int]], chunk: int = 512) -> dict:
@@ -315,11 +351,12 @@ def greedy(
     if n_new <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {n_new}")
     prompts = run_rows(lm, rows, capture=capture, keep_kv=True, logp_at=[[len(r.ids) - 1] for r in rows])
-    return decode(lm, prompts, n_new, capture=capture, keep_logp=keep_logp)
+    return decode(lm, prompts, n_new, capture=capture, keep_logp=keep_logp, knockout=[r.knockout for r in rows])
 
 
 def decode(
-    lm: LoadedModel, traces: Sequence[Trace], n_new: int, *, capture: bool = False, keep_logp: bool = False
+    lm: LoadedModel, traces: Sequence[Trace], n_new: int, *, capture: bool = False, keep_logp: bool = False,
+    knockout: Sequence[Sequence[tuple[int, int, int]]] | None = None,
 ) -> tuple[list[list[int]], list[Trace]]:
     """Continue full-depth traces (KV of every layer, log-probs at their last position) greedily.
 
@@ -361,7 +398,12 @@ def decode(
     nxt = logps[0].argmax(-1).cpu()
     out_tokens = [[int(x)] for x in nxt]
     done = torch.isin(nxt, eos_t)
-    with torch.inference_mode(), _hooks(lm, {L: at_layer(L) for L in range(n_layers)} if capture else {}):
+    knock: dict[int, list] = {}
+    for b, row_knock in enumerate(knockout or []):
+        for L, lo, hi in row_knock:  # prompt keys keep their columns as the cache grows to the right
+            knock.setdefault(L, []).append((b, m - lens[b] + lo, m - lens[b] + hi))
+    with (torch.inference_mode(), attention_edits(knock),
+          _hooks(lm, {L: at_layer(L) for L in range(n_layers)} if capture else {})):
         for step in range(1, n_new):
             mask = torch.cat([mask, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
             _count(bsz, n_layers)

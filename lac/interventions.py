@@ -1,34 +1,54 @@
-"""The paper's interventions (METHOD.md table): a host prompt and the vector written at a site.
+"""What each intervention changes, as data (METHOD.md tables, the paper's and "Beyond the paper").
 
-Each is one small class: `host` names the prompt role that runs, `vector`
-returns what is written into the residual stream entering block `layer` at the
-site (None: nothing is written). `layers` is None for "each of the job's layers
-on its own", or a set applied at once (multi-layer injection, each layer with
-its own vectors).
+An intervention names the host prompt that runs and, for one cell at one site
+and layer set, returns a `Change`: residual writes at (layer, position), K/V
+taken from the clean XY run at (layer, positions), and keys knocked out of
+attention at (layer, positions). The executor (`lac.patching`) turns any Change
+into a batched engine row; a new kind of change is one class here + one yaml.
+`layers` is None for "each of the job's layers on its own", or a set applied at
+once (a multi-layer injection, or "from:L" = L..n_layers-1).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lac.capture import CellCapture
-from lac.engine import Row, run_rows
-from lac.metrics import kl_window
-from lac.models import LoadedModel
-from lac.sites import WINDOW, window_first_position, window_start
+
+Write = tuple[int, int, torch.Tensor]  # (layer, sequence position, vector)
+Where = tuple[int, int, int]  # (layer, first position, end position)
+
+
+@dataclass
+class Change:
+    """One cell's host run under an intervention: everything from `start` on runs again."""
+
+    host: str
+    start: int  # first sequence position whose residual can differ from the clean host run
+    first_layer: int  # first block whose input can differ
+    writes: list[Write] = field(default_factory=list)
+    kv_from_xy: list[Where] = field(default_factory=list)  # K/V replaced by clean XY's at these positions
+    knockout: list[Where] = field(default_factory=list)  # keys no later position attends to
 
 
 class Intervention:
     name: str = ""
     host: str = "XY"
-    writes: bool = True
+    writes: bool = True  # False: the host runs clean (KL from the clean capture)
+    reads_xy_trace: bool = False  # needs clean XY's trace (residuals after the span, K/V)
+    from_span: bool = False  # re-runs the host from the persona span's end
+    attention: bool = False  # edits attention: eager attention only
 
-    def vector(self, cap: CellCapture, site: str, layer: int) -> torch.Tensor | None:
+    def vector(self, cap: CellCapture, site: str, layer: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def change(self, cap: CellCapture, site: str, layers: Sequence[int]) -> Change:
+        """Default: this intervention's vector written at the site, at each layer of the set."""
+        q = cap.pos(self.host, site)
+        return Change(self.host, q, min(layers), writes=[(L, q, self.vector(cap, site, L)) for L in layers])
 
 
 def additive_vector(cap: CellCapture, site: str, layer: int) -> torch.Tensor:
@@ -80,8 +100,70 @@ class Bare(Intervention):
     name, host, writes = "bare", "bare", False
 
 
+# --------------------------------------------------------------------------- controls and mechanism
+
+
+class HostNoneLm(Intervention):
+    """Prompt-length control: the length-matched baseline LY, nothing written."""
+
+    name, host, writes = "host_none_lm", "LY", False
+
+
+class HostOracleLm(Intervention):
+    """h_XY written at the site of LY, whose post-persona positions align with XY's."""
+
+    name, host = "host_oracle_lm", "LY"
+
+    def vector(self, cap, site, layer):
+        return cap.h("XY", site, layer)
+
+
+class HostOracleNorm(Intervention):
+    """Norm control: h_XY rescaled to the host's own norm at the site (BY)."""
+
+    name, host = "host_oracle_norm", "BY"
+
+    def vector(self, cap, site, layer):
+        h_xy, h_by = cap.h("XY", site, layer), cap.h("BY", site, layer)
+        return h_xy * (h_by.norm() / h_xy.norm())
+
+
+class HostOracleSpan(Intervention):
+    """Injection-site control: h_XY at every post-persona position up to the site, in LY."""
+
+    name, host, reads_xy_trace, from_span = "host_oracle_span", "LY", True, True
+
+    def change(self, cap, site, layers):
+        end = cap.prompts["LY"].span[1]
+        xy = cap.traces["XY"]
+        where = range(end, cap.pos("LY", site) + 1)
+        return Change("LY", end, min(layers), writes=[(L, p, xy.h(L, p).float()) for L in layers for p in where])
+
+
+class KvPersona(Intervention):
+    """LY with the persona span's K/V at the job's layers taken from clean XY."""
+
+    name, host, reads_xy_trace, from_span = "kv_persona", "LY", True, True
+
+    def change(self, cap, site, layers):
+        s, e = cap.prompts["LY"].span
+        return Change("LY", e, min(layers), kv_from_xy=[(L, s, e) for L in layers])
+
+
+class KnockoutPersona(Intervention):
+    """XY with attention from post-persona queries to the persona span's keys blocked."""
+
+    name, from_span, attention = "knockout_persona", True, True
+
+    def change(self, cap, site, layers):
+        s, e = cap.prompts["XY"].span
+        return Change("XY", e, min(layers), knockout=[(L, s, e) for L in layers])
+
+
 INTERVENTIONS: dict[str, type[Intervention]] = {
-    cls.name: cls for cls in (Clean, Additive, RemoveX, HostNone, HostOracle, HostAdditive, Bare)
+    cls.name: cls
+    for cls in (Clean, Additive, RemoveX, HostNone, HostOracle, HostAdditive, Bare,
+                HostNoneLm, HostOracleLm, HostOracleNorm, HostOracleSpan, KvPersona, KnockoutPersona)
 }
 
 
@@ -93,67 +175,25 @@ def get_intervention(name: str) -> Intervention:
 
 @dataclass(frozen=True)
 class Job:
-    """One intervention at one site and one layer set (empty for no vector)."""
+    """One intervention at one site and one layer set (empty for no change)."""
 
     intervention: Intervention
     site: str
     layers: tuple[int, ...]
 
 
-def roles_needed(interventions: Sequence[Intervention]) -> tuple[set[str], set[str], set[str]]:
-    """(prompt roles to capture, hosts whose windows KL reads, hosts patched rows continue)."""
+@dataclass(frozen=True)
+class Needs:
+    """What the clean captures must hold for a set of interventions."""
+
+    roles: frozenset[str]  # prompt roles whose site residuals are kept
+    hosts: frozenset[str]  # roles whose clean window log-probs KL reads
+    trace_hosts: frozenset[str]  # roles whose traces patched rows continue (or read)
+    span_hosts: frozenset[str]  # trace hosts whose residuals are kept from the persona span's end
+
+
+def roles_needed(interventions: Sequence[Intervention]) -> Needs:
     hosts = {iv.host for iv in interventions} | {"XY"}
-    trace_hosts = {iv.host for iv in interventions if iv.writes}
-    return {"BB", "XB", "BY", "XY"} | hosts, hosts, trace_hosts
-
-
-def kl_records(
-    lm: LoadedModel,
-    caps: Sequence[CellCapture],
-    jobs: Sequence[Job],
-    *,
-    max_rows: int = 64,
-) -> list[tuple[CellCapture, Job, float]]:
-    """Causal KL of every (cell, job): patched rows continue the host's clean prefix.
-
-    Rows sharing first layer, length and window offset (any site) go into one forward; each starts at
-    its first patched layer with the clean residual and writes its own vectors.
-    """
-    out: list[tuple[CellCapture, Job, float]] = []
-    groups: dict[tuple, list[tuple[CellCapture, Job, Row]]] = defaultdict(list)
-    for job in jobs:
-        iv, w0 = job.intervention, window_start(job.site)
-        for cap in caps:
-            hp = cap.prompts[iv.host]
-            if not iv.writes:
-                first = window_first_position(job.site, len(hp.ids))
-                out.append((cap, job, kl_window(_target(cap, job.site), _window(cap.logp[iv.host], first))))
-                continue
-            host = cap.traces[iv.host]
-            q = cap.pos(iv.host, job.site)
-            end = len(hp.ids) + w0 + WINDOW - 1  # last token whose logits the window reads
-            patches = [(L, 0, iv.vector(cap, job.site, L)) for L in job.layers]
-            row = Row(host.ids[q:end], prefix=host, start=q, patches=patches)
-            offset = window_first_position(job.site, len(hp.ids)) - q
-            groups[(min(job.layers), end - q, offset)].append((cap, job, row))
-
-    for (start_layer, _n, offset), items in groups.items():
-        size = -(-len(items) // -(-len(items) // max_rows))  # even chunks of at most max_rows
-        for i in range(0, len(items), size):
-            chunk = items[i : i + size]
-            traces = run_rows(
-                lm, [r for _, _, r in chunk], start_layer=start_layer,
-                logp_at=[range(offset, offset + WINDOW)] * len(chunk),
-            )
-            for (cap, job, row), t in zip(chunk, traces, strict=True):
-                out.append((cap, job, kl_window(_target(cap, job.site), _window(t.logp, row.start + offset))))
-    return out
-
-
-def _target(cap: CellCapture, site: str) -> torch.Tensor:
-    """Clean XY log-probs over the site's window: the distribution every KL compares to."""
-    return _window(cap.logp["XY"], window_first_position(site, len(cap.prompts["XY"].ids)))
-
-
-def _window(logp: dict[int, torch.Tensor], first: int) -> torch.Tensor:
-    return torch.stack([logp[first + j] for j in range(WINDOW)])
+    trace = {iv.host for iv in interventions if iv.writes} | {"XY" for iv in interventions if iv.reads_xy_trace}
+    span = {iv.host for iv in interventions if iv.from_span} | {"XY" for iv in interventions if iv.reads_xy_trace}
+    return Needs(frozenset({"BB", "XB", "BY", "XY"} | hosts), frozenset(hosts), frozenset(trace), frozenset(span))

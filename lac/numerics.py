@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 NUMERICS_VERSION = 2  # 1: lac up to the "trust" work (implicit); 2: first explicit version
+PAPER = ("clean", "additive", "remove_x", "host_none", "host_oracle", "host_additive", "bare")
 FINGERPRINT_FILE = Path(__file__).parent / "data" / "numerics.json"
 
 
@@ -66,14 +67,15 @@ def fingerprint() -> dict[str, list]:
     """KL of every intervention at every site, geometry, refs and marker generations on the tiny model."""
     from lac.capture import capture_cells
     from lac.grid import Cell
-    from lac.interventions import INTERVENTIONS, Job, get_intervention, kl_records
+    from lac.interventions import Job, get_intervention
     from lac.metrics import geometry
+    from lac.patching import kl_records
     from lac.runner import marker_generations
     from lac.sites import SITES
 
     lm, book = _tiny_model(), _Book()
     cells = [Cell("p1", "t1"), Cell("p2", "t2"), Cell("p1", "t2")]
-    ivs = [get_intervention(n) for n in INTERVENTIONS]
+    ivs = [get_intervention(n) for n in PAPER]
     hosts = {iv.host for iv in ivs}
     caps = capture_cells(lm, book, cells, roles=("BB", "XB", "BY", "XY"), hosts=hosts,
                          trace_hosts=hosts, batch_size=2)

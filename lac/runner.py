@@ -26,11 +26,12 @@ from lac.capture import CellCapture, capture_cells
 from lac.config import ConfigError, Spec, job_key, preflight
 from lac.engine import Row, eos_ids, greedy
 from lac.grid import Cell
-from lac.interventions import get_intervention, kl_records, roles_needed
+from lac.interventions import get_intervention, roles_needed
 from lac.io import atomic_write_bytes
 from lac.markers import score
 from lac.metrics import geometry
 from lac.models import LoadedModel, load_model
+from lac.patching import kl_records
 from lac.prefix import Want, prefix_traces
 from lac.prompts import PromptBook
 from lac.results import JobStore, format_table, frame, summarize
@@ -93,13 +94,13 @@ def _changed(cap: CellCapture) -> tuple:
     return (tuple(cap.ref), tuple((r, h.shape[1]) for r, h in sorted(cap.site_h.items())), tuple(sorted(cap.logp)))
 
 
-def _capture_plan(spec: Spec) -> tuple[set[str], set[str], set[str], int]:
-    """(roles, hosts, trace hosts, deepest block) the job's captures need."""
+def _capture_plan(spec: Spec):
+    """(what the captures must hold, deepest block) for the job."""
     if spec.mode == "markers":
-        roles, hosts, _ = roles_needed([])
-        return roles, hosts, {"XY"}, spec.layers[0] + 1  # generations continue the clean XY prompt
+        needs = roles_needed([])  # generations continue the clean XY prompt
+        return needs.__class__(needs.roles, needs.hosts, frozenset({"XY"}), frozenset()), spec.layers[0] + 1
     depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
-    return (*roles_needed(spec.interventions), depth)
+    return roles_needed(spec.interventions), depth
 
 
 def capture(
@@ -107,12 +108,12 @@ def capture(
     cache: ActivationCache | None, batch_cells: int,
 ) -> list[CellCapture]:
     """Clean captures of `cells`: from the activation cache where it has them, else computed and stored."""
-    roles, hosts, trace_hosts, depth = _capture_plan(spec)
+    needs, depth = _capture_plan(spec)
     known = cache.get(list(cells), book) if cache else {}
     before = {k: _changed(c) for k, c in known.items()}
     caps = capture_cells(
-        lm, book, cells, roles=roles, hosts=hosts, trace_hosts=trace_hosts,
-        depth=depth, batch_size=batch_cells, known=known,
+        lm, book, cells, roles=needs.roles, hosts=needs.hosts, trace_hosts=needs.trace_hosts,
+        span_hosts=needs.span_hosts, depth=depth, batch_size=batch_cells, known=known,
     )
     if cache:
         cache.put(caps, {c.cell.key for c in caps if before.get(c.cell.key) != _changed(c)})
