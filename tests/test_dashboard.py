@@ -201,8 +201,8 @@ def test_workspace_panels_match_the_keys_of_real_offline_runs(offline_runs, tmp_
     summary = {k for r in runs for k in r.summary if not k.startswith("_")}
     config = {k for r in runs for k in r.config}
     by_job = {(r.config["model"], r.config["intervention"], r.config["mode"], r.config["layers"]): r for r in runs}
-    host = by_job[("smollm2", "host_additive", "kl", "10,13,15")]  # m3 on 30 layers
-    assert host.config["layer"] == 15 and host.summary["kl/p_last/host_additive/median"] > 0
+    host = by_job[("smollm2", "host_additive", "kl", "12,14,16")]  # m3 on 30 layers (smollm2.yaml)
+    assert host.config["layer"] == 16 and host.summary["kl/p_last/host_additive/median"] > 0
     assert by_job[("smollm2", "additive", "kl", "4,8,12")].config["layer"] == [4, 8, 12]
     assert {r.config["model"] for r in runs} == {"qwen0.5", "smollm2"}
 
