@@ -108,7 +108,8 @@ def catalogue() -> Keys:
         keys.summary |= set(summary_keys(summary)) | set(layer_free_keys(summary))
         for r in history_rows(summary, n_layers=24):
             keys.history |= set(r)
-    keys.summary |= {"results", "generations"}
+    keys.history |= {"results", "generations"}  # the tables are logged as history rows (run.log)
+    keys.summary |= keys.history  # W&B's summary holds each history key's last value
     config = {"model": {"name": "m", "id": "m", "n_layers": 24}, "grid": {"name": "g"},
               "site": {"name": "s", "sites": ["p_last"]}, "intervention": {"name": "i", "layers": None},
               "mode": "kl", "layer": 10}
