@@ -10,7 +10,9 @@ Builds a W&B workspace view with ``wandb-workspaces`` from the keys lac logs
 * **Markers**: any-marker rate and mean distinct markers per condition, bars per model.
 * **Host injection**: median KL of host_none / host_oracle / host_additive at p_last per
   layer set (bars grouped by ``config.layers``).
-* **Controls**: remove_x by layer, and the no-vector conditions clean and bare per site.
+* **Controls**: remove_x and every other intervention lac logs by layer (controls and
+  mechanism arms such as kv_persona, knockout_persona), and the no-vector conditions clean
+  and bare per site.
 * **Other results**: any key lac logs that none of the above shows (new interventions,
   mechanism or steering results), so they appear once they exist.
 
@@ -255,8 +257,9 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
         return {"kind": "bar", "title": title, "y": ys, "groupby": groupby} if ys else None
 
     sections: list[tuple[str, list[dict[str, Any]]]] = []
-    kl_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv not in CONTROL_LAYERED),
-                    (*KL_ORDER, "host_oracle", "host_additive"))
+    main_ivs = (*KL_ORDER, "host_oracle", "host_additive")
+    kl_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv in main_ivs), main_ivs)
+    control_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv not in main_ivs), CONTROL_LAYERED)
     kl = [line(f"KL · {site} · {iv}", by_layer[("kl", site, iv)], "median KL (nats)", log=True)
           for iv in kl_ivs for site in sites if ("kl", site, iv) in by_layer]
     geo = [line(f"{m} · {site}", by_layer[(m, site, "")], f"median {m}")
@@ -273,7 +276,7 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
         (k.split("/")[1] for k in keys.summary if re.fullmatch(rf"kl/[^/]+/{iv}/median", k)), SITES)
         if (p := bar(f"KL · {site} · {iv} by layer set", [f"kl/{site}/{iv}/median"], groupby="layers"))]
     controls = [line(f"KL · {site} · {iv}", by_layer[("kl", site, iv)], "median KL (nats)", log=True)
-                for iv in CONTROL_LAYERED for site in sites if ("kl", site, iv) in by_layer]
+                for iv in control_ivs for site in sites if ("kl", site, iv) in by_layer]
     controls += [p for site in SITES if (p := bar(
         f"KL · {site} · no vector written", [f"kl/{site}/none/{iv}/median" for iv in NO_VECTOR]))]
     for name, panels in (("KL by layer", kl), ("Geometry by layer", geo), ("Markers", markers),
