@@ -42,6 +42,8 @@ class Spec:
     n_layers: int
     max_new_tokens: int
     conditions: tuple[str, ...]
+    marker_layers: tuple[int, ...] = ()  # the layer set every changing marker condition uses
+    attn_mass: bool = False  # attn_persona rows from the clean XY run, every layer
 
 
 def n_layers_of(model_cfg: DictConfig) -> int:
@@ -145,6 +147,8 @@ def build_spec(cfg: DictConfig) -> Spec:
     for site in sites:
         if not iv.writes:
             jobs.append(Job(iv, site, ()))
+        elif iv_layers == "from":  # one set per job layer L: L..n_layers-1
+            jobs.extend(Job(iv, site, tuple(range(L, n))) for L in layers)
         elif iv_layers is not None:
             ls = _layer_list(iv_layers, m, "intervention.layers")
             _check_range(ls, n, "intervention.layers", m.name)
@@ -167,6 +171,12 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"markers.max_new_tokens={max_new!r}; allowed: an integer > 0 (the paper: 80)")
     if not isinstance(cfg.get("rerun", False), bool):
         raise ConfigError(f"rerun={cfg.get('rerun')!r}; allowed: true or false")
+    attn_mass = cfg.get("attn_persona", False)
+    if not isinstance(attn_mass, bool):
+        raise ConfigError(f"attn_persona={attn_mass!r}; allowed: true or false")
+    if attn_mass and m.get("attn_implementation") != "eager":
+        raise ConfigError("attn_persona reads attention weights, which needs eager attention: "
+                          "set model.attn_implementation=eager")
     if mode == "markers":
         if not grid.markers:
             raise ConfigError(f"mode=markers needs persona markers, and grid {grid.name!r} has none (use grid=markers or add a markers: section)")
@@ -174,16 +184,22 @@ def build_spec(cfg: DictConfig) -> Spec:
         if missing:
             raise ConfigError(f"grid {grid.name!r} has no markers for personas {missing}")
         for c in conditions:
-            if c not in ("clean", "additive", "remove_x", "bare"):
-                raise ConfigError(f"unknown marker condition {c!r}; allowed: clean, additive, remove_x, bare")
+            if c not in INTERVENTIONS:
+                raise ConfigError(f"unknown marker condition {c!r}; allowed: {', '.join(INTERVENTIONS)}")
+            if INTERVENTIONS[c].attention and m.get("attn_implementation") != "eager":
+                raise ConfigError(f"marker condition {c} edits attention, which needs eager attention: "
+                                  "set model.attn_implementation=eager")
         if len(layers) != 1:
-            raise ConfigError(f"mode=markers patches one layer; got layer={layers}")
+            raise ConfigError(f"mode=markers patches one layer (or intervention.layers=[...] / from:L for a set); "
+                              f"got layer={layers}")
         if sites != ("p_last",):
             raise ConfigError(f"mode=markers patches p_last (the prompt pass only); got site {sites}")
     return Spec(
         mode=mode, grid=grid, sites=sites, layers=tuple(layers), interventions=(iv,),
         jobs=tuple(jobs), geometry_layers=tuple(sorted(set(geometry))), n_layers=n,
         max_new_tokens=max_new, conditions=conditions,
+        attn_mass=attn_mass,
+        marker_layers=tuple(jobs[0].layers) if iv_layers is not None and jobs and jobs[0].layers else tuple(layers),
     )
 
 

@@ -75,6 +75,33 @@ def kl_records(
     return out
 
 
+def attention_mass(
+    lm: LoadedModel, caps: Sequence[CellCapture], sites: Sequence[str], *, max_rows: int = 64,
+) -> list[tuple[CellCapture, str, int, dict[str, float]]]:
+    """attn_persona(L) of METHOD.md in the clean XY run, every layer: the softmax mass on the
+    persona span's keys, mean (and max) over heads, at the site and averaged over its window."""
+    out = []
+    for i in range(0, len(caps), max_rows):
+        chunk = caps[i : i + max_rows]
+        rows = []
+        for cap in chunk:
+            xy, (s, e) = cap.traces["XY"], cap.prompts["XY"].span
+            rows.append(Row(xy.ids[e:], prefix=xy, start=e, probe=(s, e)))
+        for cap, row, t in zip(chunk, rows, run_rows(lm, rows, depth=lm.n_layers), strict=True):
+            n = len(cap.prompts["XY"].ids)
+            for site in sites:
+                q = cap.pos("XY", site) - row.start
+                w = window_first_position(site, n) - row.start
+                for L, mass in sorted(t.mass.items()):  # [heads, queries]
+                    win = mass[:, w : w + WINDOW]
+                    out.append((cap, site, L, {
+                        "attn_persona": float(mass[:, q].mean()), "attn_persona_max": float(mass[:, q].max()),
+                        "attn_persona_window": float(win.mean()),
+                        "attn_persona_window_max": float(win.max(0).values.mean()),
+                    }))
+    return out
+
+
 def _target(cap: CellCapture, site: str) -> torch.Tensor:
     """Clean XY log-probs over the site's window: the distribution every KL compares to."""
     return _window(cap.logp["XY"], window_first_position(site, len(cap.prompts["XY"].ids)))

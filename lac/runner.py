@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,11 @@ from lac.io import atomic_write_bytes
 from lac.markers import score
 from lac.metrics import geometry
 from lac.models import LoadedModel, load_model
-from lac.patching import kl_records
+from lac.patching import attention_mass, change_row, kl_records
 from lac.prefix import Want, prefix_traces
 from lac.prompts import PromptBook
 from lac.results import JobStore, format_table, frame, summarize
-from lac.schema import DECOMPOSITION, SCHEMA_VERSION
+from lac.schema import ATTENTION, DECOMPOSITION, SCHEMA_VERSION
 from lac.sites import REF_TOKENS
 
 log = logging.getLogger("lac")
@@ -75,6 +76,15 @@ def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
     return lm or get_model(cfg.model)
 
 
+def length_matched_texts(cfg: DictConfig, spec: Spec) -> dict[str, str]:
+    """The decoded persona replacement of each cell's length-matched baseline LY, for the record."""
+    from lac.models import load_tokenizer
+
+    lm = _MODEL.get(_model_key(cfg.model))
+    book = PromptBook(lm.tokenizer if lm else load_tokenizer(cfg.model), spec.grid)
+    return {c.key: book.ly_text(c) for c in spec.grid.cells()}
+
+
 def _max_positions(mcfg: DictConfig, tok) -> int:
     from lac.models import local_config
 
@@ -96,9 +106,15 @@ def _changed(cap: CellCapture) -> tuple:
 
 def _capture_plan(spec: Spec):
     """(what the captures must hold, deepest block) for the job."""
-    if spec.mode == "markers":
-        needs = roles_needed([])  # generations continue the clean XY prompt
-        return needs.__class__(needs.roles, needs.hosts, frozenset({"XY"}), frozenset()), spec.layers[0] + 1
+    if spec.mode == "kl" and spec.attn_mass:  # the mass pass continues XY's trace from the span's end
+        needs = roles_needed(spec.interventions)
+        needs = replace(needs, trace_hosts=needs.trace_hosts | {"XY"}, span_hosts=needs.span_hosts | {"XY"})
+        depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
+        return needs, depth
+    if spec.mode == "markers":  # generations continue each condition's clean host prompt
+        needs = roles_needed([get_intervention(c) for c in spec.conditions if c != "bare"])
+        trace = needs.trace_hosts | (needs.hosts - {"bare"})
+        return replace(needs, trace_hosts=trace), max(spec.marker_layers) + 1
     depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
     return roles_needed(spec.interventions), depth
 
@@ -154,19 +170,25 @@ def compute_cells(
                 f"non-finite KL for {lm.name} ({lm.dtype}) cell {cap.cell.key}, site {job.site}, layers {job.layers}"
             )
         rows.append(_row(cap.cell, job.site, job.layers, job.intervention.name, "kl", kl, ctx))
+    if spec.attn_mass:
+        for cap, site, L, values in attention_mass(lm, caps, spec.sites, max_rows=max_rows):
+            rows += [_row(cap.cell, site, [L], ATTENTION, m, v, ctx) for m, v in values.items()]
     return rows, []
 
 
 def marker_generations(
-    lm: LoadedModel, caps: Sequence[CellCapture], conditions: Sequence[str], layer: int, *,
+    lm: LoadedModel, caps: Sequence[CellCapture], conditions: Sequence[str], layers: int | Sequence[int], *,
     book: PromptBook, max_new_tokens: int, batch_rows: int,
 ) -> list[tuple[CellCapture, str, bool, list[int]]]:
-    """Greedy generations of each cell under each condition: (cap, condition, patched, tokens).
+    """Greedy generations of each cell under each condition: (cap, condition, changed, tokens).
 
-    The vector is written at p_last of `layer` in the prompt pass only. Every row
-    continues a clean prompt trace without its last token (XY's from the capture,
-    the bare prompts' from one prefix tree), so the prompt pass is that one token.
+    Each condition's Change at p_last of `layers` applies in the prompt pass (residual
+    writes) or for the whole generation (knockout, transplanted K/V). Every row
+    continues a clean prompt trace (the host's from the capture, the bare prompts'
+    from one prefix tree) from the change's first position; a plain write at p_last
+    makes the prompt pass that one token.
     """
+    layers = [layers] if isinstance(layers, int) else list(layers)
     bare = {}
     if "bare" in conditions:
         ids = {book.get(c.cell, "bare").ids for c in caps}
@@ -178,36 +200,39 @@ def marker_generations(
                 p = book.get(cap.cell, "bare").ids
                 items.append((cap, cond, Row([p[-1]], prefix=bare[p[:-1]], start=len(p) - 1)))
                 continue
-            iv = get_intervention(cond)  # clean, additive or remove_x: all hosted by XY
-            p = cap.prompts["XY"].ids
-            patch = [(layer, 0, iv.vector(cap, "p_last", layer))] if iv.writes else []
-            items.append((cap, cond, Row([p[-1]], prefix=cap.traces["XY"], start=len(p) - 1, patches=patch)))
+            iv = get_intervention(cond)
+            p = cap.prompts[iv.host].ids
+            if iv.writes:
+                items.append((cap, cond, change_row(cap, iv.change(cap, "p_last", layers), len(p))))
+            else:
+                items.append((cap, cond, Row([p[-1]], prefix=cap.traces[iv.host], start=len(p) - 1)))
     out = []
     step = max(batch_rows, 1)
     for i in range(0, len(items), step):
         part = items[i : i + step]
         toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
-        out += [(cap, cond, bool(r.patches), tk) for (cap, cond, r), tk in zip(part, toks, strict=True)]
+        out += [(cap, cond, cond != "bare" and get_intervention(cond).writes, tk)
+                for (cap, cond, _), tk in zip(part, toks, strict=True)]
     return out
 
 
 def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
     """Generations under each condition, scored with the persona's markers."""
-    L = spec.layers[0]
+    layers = list(spec.marker_layers)
     gens = []
     eos = eos_ids(lm)
     batch_rows = max(batch_cells * len(spec.conditions), 1)
     for cap, cond, patched, tk in marker_generations(
-        lm, caps, spec.conditions, L, book=book, max_new_tokens=spec.max_new_tokens, batch_rows=batch_rows
+        lm, caps, spec.conditions, layers, book=book, max_new_tokens=spec.max_new_tokens, batch_rows=batch_rows
     ):
         cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
         text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
         s = score(text, spec.grid.markers[cap.cell.persona])
-        layers = [L] if patched else []
-        rows.append(_row(cap.cell, "p_last", layers, cond, "marker_any", s["marker_any"], ctx))
-        rows.append(_row(cap.cell, "p_last", layers, cond, "marker_distinct", s["marker_distinct"], ctx))
+        used = layers if patched else []
+        rows.append(_row(cap.cell, "p_last", used, cond, "marker_any", s["marker_any"], ctx))
+        rows.append(_row(cap.cell, "p_last", used, cond, "marker_distinct", s["marker_distinct"], ctx))
         gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
-                     "condition": cond, "layer": L if patched else -1, "tokens": tk, "text": text, **s})
+                     "condition": cond, "layer": max(used) if used else -1, "tokens": tk, "text": text, **s})
     return gens
 
 
@@ -317,6 +342,9 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
         **provenance(), "schema": SCHEMA_VERSION, "key": key,
         "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
     }
+    changed = [*spec.interventions, *(get_intervention(c) for c in spec.conditions if spec.mode == "markers")]
+    if any(iv.host == "LY" for iv in changed):
+        summary["length_matched"] = length_matched_texts(cfg, spec)
     store.finish(df, summary, gens)
     return summary, df, gens
 

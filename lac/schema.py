@@ -20,7 +20,7 @@ COLUMNS: dict[str, str] = {
     "layer": "int64",  # the layer (deepest layer of a multi-layer set; -1: no vector written)
     "layers": "string",  # "14" or "10,12,14"; "" when no vector is written
     "intervention": "string",  # additive | remove_x | ... | "decomposition" for geometry rows
-    "metric": "string",  # kl | cos_xy_sum | cos_x_y | inter_ratio | marker_any | marker_distinct
+    "metric": "string",  # kl | cos_xy_sum | cos_x_y | inter_ratio | marker_any | marker_distinct | attn_persona...
     "value": "float64",
     "schema": "int64",  # SCHEMA_VERSION
 }
@@ -28,3 +28,7 @@ COLUMNS: dict[str, str] = {
 GEOMETRY_METRICS = ("cos_xy_sum", "cos_x_y", "inter_ratio")
 MARKER_METRICS = ("marker_any", "marker_distinct")
 DECOMPOSITION = "decomposition"
+# attention mass on the persona span in the clean XY run (schema 1 rows, intervention = "attention"):
+# at the site (mean / max over heads) and averaged over the site's 10 window positions
+ATTENTION = "attention"
+ATTENTION_METRICS = ("attn_persona", "attn_persona_max", "attn_persona_window", "attn_persona_window_max")

@@ -106,10 +106,9 @@ def _kv(lm, ids):
     return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
 
 
-def plain_kl(lm, cell, name, site, layers):
-    """KL(P_XY || P_intervened) over the site's window, written out from METHOD.md."""
-    book = Book()
-    xy, by, ly = book.get(cell, "XY"), book.get(cell, "BY"), book.get(cell, "LY")
+def plain_kl(lm, prompts, name, site, layers):
+    """KL(P_XY || P_intervened) over the site's window, written out from METHOD.md; prompts: role -> Prompt."""
+    xy, by, ly = prompts["XY"], prompts["BY"], prompts["LY"]
     with torch.no_grad():
         gen = lm.model.generate(torch.tensor([xy.ids]), attention_mask=torch.ones(1, len(xy.ids), dtype=torch.long),
                                 max_new_tokens=REF_TOKENS, do_sample=False, num_beams=1)
@@ -167,7 +166,7 @@ def test_each_control_equals_its_plain_implementation(arch, name):
     small = 0
     for cap, job, kl in got:
         layers = job.layers if get_intervention(name).writes else ()
-        want = plain_kl(lm, cap.cell, name, job.site, layers)
+        want = plain_kl(lm, {r: Book().get(cap.cell, r) for r in ("XY", "BY", "LY")}, name, job.site, layers)
         assert_kl_close(kl, want, f"{arch} {name} {cap.cell.key} {job.site} {job.layers}")
         small += want < 1e-4
     assert small < len(got)  # the comparison is not between zeros
@@ -231,3 +230,27 @@ def test_batched_generation_under_knockout_and_kv_equals_one_at_a_time(arch):
         alone, _ = greedy(lm, [r], 8)
         assert alone[0] == toks
     assert len({tuple(t) for t in batched}) > 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attn_persona_equals_hf_output_attentions(arch):
+    from lac.patching import attention_mass
+    from lac.sites import window_first_position
+
+    lm = tiny_model(arch)
+    caps = _caps(lm, ["knockout_persona"])
+    got = attention_mass(lm, caps, ["p_last", "g1"], max_rows=2)
+    assert len(got) == len(caps) * 2 * lm.n_layers
+    for cap, site, L, values in got:
+        xy = cap.traces["XY"]
+        s, e = cap.prompts["XY"].span
+        with torch.no_grad():
+            att = lm.model(torch.tensor([xy.ids]), output_attentions=True).attentions[L][0]  # HF eager
+        on_span = att[:, :, s:e].sum(-1)  # [heads, queries]
+        q = cap.pos("XY", site)
+        w = window_first_position(site, len(cap.prompts["XY"].ids))
+        torch.testing.assert_close(values["attn_persona"], float(on_span[:, q].mean()), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(values["attn_persona_max"], float(on_span[:, q].max()), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(values["attn_persona_window"], float(on_span[:, w : w + 10].mean()),
+                                   rtol=1e-4, atol=1e-6)
+    assert max(v["attn_persona"] for *_, v in got) > 0.01
