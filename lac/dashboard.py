@@ -10,16 +10,21 @@ Builds a W&B workspace view with ``wandb-workspaces`` from the keys lac logs
 * **Markers**: any-marker rate and mean distinct markers per condition, bars per model.
 * **Host injection**: median KL of host_none / host_oracle / host_additive at p_last per
   layer set (bars grouped by ``config.layers``).
-* **Controls**: remove_x and every other intervention lac logs by layer (controls and
-  mechanism arms such as kv_persona, knockout_persona), and the no-vector conditions clean
-  and bare per site.
+* **Controls**: remove_x and every other intervention lac logs by layer that no other section
+  shows, and the no-vector conditions clean and bare per site.
+* **Controls and mechanism** (METHOD.md "Beyond the paper"): KL by layer of the control and
+  mechanism arms (host_oracle_lm, host_oracle_span, host_oracle_norm, the other host_* controls,
+  and the "from L" curves ``kv_persona_from`` / ``knockout_persona_from``, x = L, the first layer
+  of the set L..n_layers-1), single-layer kv_persona / knockout_persona, the attention mass on the
+  persona span by layer (attn_persona, attn_persona_window and their max over heads), and the
+  references written with no vector (host_none, host_none_lm, clean) as bars per site.
 * **Other results**: any key lac logs that none of the above shows (new interventions,
   mechanism or steering results), so they appear once they exist.
 
 Where the keys come from: ``--runs PATH...`` (offline run folders, e.g. ``$WANDB_DIR``:
 the keys those runs hold), else, online with an API key, the project's runs in the group
-(W&B's API), else the keys lac is known to log, derived from the logging code itself
-(:func:`catalogue`). Panels only name keys from that source.
+(W&B's API), else the keys lac is known to log, derived from the logging code itself and the
+interventions of conf/intervention/*.yaml (:func:`catalogue`). Panels only name keys from that source.
 
 ``--dry-run`` (the default offline or without an API key) writes the view's JSON to
 ``--out`` (default ``wandb-workspace-<project>-<group>.json``) and prints where;
@@ -41,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lac.schema import GEOMETRY_METRICS
+from lac.schema import ATTENTION, ATTENTION_METRICS, GEOMETRY_METRICS
 from lac.sites import SITES
 
 HISTORY = "by_layer"
@@ -50,6 +55,13 @@ KL_ORDER = ("additive",)
 CONTROL_LAYERED = ("remove_x",)
 NO_VECTOR = ("clean", "bare")
 HOSTS = ("host_none", "host_oracle", "host_additive")
+FROM_SUFFIX = "_from"  # lac.tracking.FROM_SUFFIX: by_layer/kl/{site}/{intervention}_from/... ("from L" sets)
+# the order of the Controls and mechanism section's KL panels (any other host_* control or
+# "_from" curve follows); references written with no vector, drawn as bars
+MECHANISM_ORDER = ("host_oracle_lm", "host_oracle_span", "host_oracle_norm", f"kv_persona{FROM_SUFFIX}",
+                   f"knockout_persona{FROM_SUFFIX}", "kv_persona", "knockout_persona")
+MECHANISM_REFERENCES = ("host_none", "host_none_lm", "clean")
+CATALOGUE_LAYERS = 24  # the synthetic model of the catalogue: from-L sets are 10..23
 MARKER_CONDITIONS = ("clean", "additive", "remove_x", "bare")
 GROUP_BY = "model"  # config key the runs are grouped by: one line / bar per model
 _STAT = re.compile(r"/(p25|p75|min|max)$")
@@ -79,14 +91,50 @@ class Keys:
         self.runs += other.runs
 
 
+def interventions() -> dict[str, set[str]]:
+    """Every intervention lac ships, read from conf/intervention/*.yaml: name -> the layer modes its
+    configs ask for ("each": each of the job's layers on its own, "from": the sets L..n_layers-1,
+    "set": one fixed list). Several files may name one intervention (kv_persona, kv_persona_from)."""
+    import yaml
+
+    from lac.paths import conf_dir
+
+    out: dict[str, set[str]] = {}
+    for f in sorted((Path(conf_dir()) / "intervention").glob("*.yaml")):
+        try:
+            data = yaml.safe_load(f.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            print(f"lac.dashboard: warning: skipped unreadable intervention config {f} ({e})", file=sys.stderr)
+            continue
+        name = data.get("name") if isinstance(data, dict) else None
+        if not name:
+            continue
+        layers = data.get("layers")
+        mode = "each" if layers is None else "from" if layers == "from" or str(layers).startswith("from:") else "set"
+        out.setdefault(str(name), set()).add(mode)
+    return out
+
+
+def _writes(name: str) -> bool:
+    """Whether an intervention writes at a layer (False: its KL has no layer, e.g. clean, host_none)."""
+    try:
+        from lac.interventions import get_intervention
+
+        return bool(get_intervention(name).writes)
+    except (ImportError, ValueError):  # a config without its class yet: assume it writes at a layer
+        return True
+
+
 def catalogue() -> Keys:
     """The keys lac is known to log, made by lac's own logging functions (lac.results.summary_keys,
     lac.tracking.history_rows / layer_free_keys / run_config) on a synthetic job of every site,
-    intervention, geometry metric and marker condition. No network, no model."""
+    intervention of conf/intervention/*.yaml (with their "from L" sets), geometry metric, attention
+    metric and marker condition. No network, no model."""
     from lac.results import frame, summarize, summary_keys
     from lac.tracking import group_keys, history_rows, layer_free_keys
 
     base = {"model": "m", "model_id": "m", "grid": "g", "persona": "p", "task": "t", "cell": "p__t"}
+    n = CATALOGUE_LAYERS
 
     def rows(site: str, layers: str, iv: str, metric: str) -> dict[str, Any]:
         layer = int(layers.split(",")[-1]) if layers else -1
@@ -95,24 +143,29 @@ def catalogue() -> Keys:
 
     jobs: list[list[dict[str, Any]]] = []
     for site in SITES:
-        for iv in (*KL_ORDER, *CONTROL_LAYERED, "host_oracle", "host_additive"):
-            jobs.append([rows(site, "10", iv, "kl"),
-                         *(rows(site, "10", "decomposition", m) for m in GEOMETRY_METRICS)])
-        for iv in ("host_oracle", "host_additive"):
-            jobs.append([rows(site, "6,8,10", iv, "kl")])
-        for iv in (*NO_VECTOR, "host_none"):
-            jobs.append([rows(site, "", iv, "kl")])
+        for iv, modes in sorted(interventions().items()):
+            if not _writes(iv):
+                jobs.append([rows(site, "", iv, "kl")])
+                continue
+            if "each" in modes:
+                jobs.append([rows(site, "10", iv, "kl"),
+                             *(rows(site, "10", "decomposition", m) for m in GEOMETRY_METRICS)])
+            if "set" in modes or iv in HOSTS:
+                jobs.append([rows(site, "6,8,10", iv, "kl")])
+            if "from" in modes:
+                jobs.append([rows(site, ",".join(map(str, range(L, n))), iv, "kl") for L in (8, 10)])
+        jobs.append([rows(site, str(L), ATTENTION, m) for m in ATTENTION_METRICS for L in (8, 10)])
     jobs.append([rows("p_last", "14" if c in ("additive", "remove_x") else "", c, m)
                  for c in MARKER_CONDITIONS for m in ("marker_any", "marker_distinct")])
     keys = Keys(source="lac's logging code")
     for job in jobs:
         summary = summarize(frame(job))
         keys.summary |= set(summary_keys(summary)) | set(layer_free_keys(summary))
-        for r in history_rows(summary, n_layers=24):
+        for r in history_rows(summary, n_layers=n):
             keys.history |= set(r)
     keys.history |= {"results", "generations"}  # the tables are logged as history rows (run.log)
     keys.summary |= keys.history  # W&B's summary holds each history key's last value
-    config = {"model": {"name": "m", "id": "m", "n_layers": 24}, "grid": {"name": "g"},
+    config = {"model": {"name": "m", "id": "m", "n_layers": n}, "grid": {"name": "g"},
               "site": {"name": "s", "sites": ["p_last"]}, "intervention": {"name": "i", "layers": None},
               "mode": "kl", "layer": 10}
     keys.config |= set(group_keys(config))
@@ -241,7 +294,7 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
             continue
         if parts[1] == "kl" and len(parts) == 5:
             by_layer[("kl", parts[2], parts[3])] = k
-        elif parts[1] in GEOMETRY_METRICS and len(parts) == 4:
+        elif parts[1] in (*GEOMETRY_METRICS, *ATTENTION_METRICS) and len(parts) == 4:
             by_layer[(parts[1], parts[2], "")] = k
     sites = _order((s for _, s, _ in by_layer), SITES)
 
@@ -258,8 +311,14 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
 
     sections: list[tuple[str, list[dict[str, Any]]]] = []
     main_ivs = (*KL_ORDER, "host_oracle", "host_additive")
+
+    def mechanism_arm(iv: str) -> bool:  # host_* controls, kv / knockout, any "from L" curve
+        return iv in MECHANISM_ORDER or iv.endswith(FROM_SUFFIX) or (iv.startswith("host_") and iv not in main_ivs)
+
     kl_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv in main_ivs), main_ivs)
-    control_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv not in main_ivs), CONTROL_LAYERED)
+    control_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and iv not in main_ivs and not mechanism_arm(iv)),
+                         CONTROL_LAYERED)
+    mechanism_ivs = _order((iv for f, _, iv in by_layer if f == "kl" and mechanism_arm(iv)), MECHANISM_ORDER)
     kl = [line(f"KL · {site} · {iv}", by_layer[("kl", site, iv)], "median KL (nats)", log=True)
           for iv in kl_ivs for site in sites if ("kl", site, iv) in by_layer]
     geo = [line(f"{m} · {site}", by_layer[(m, site, "")], f"median {m}")
@@ -279,8 +338,19 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
                 for iv in control_ivs for site in sites if ("kl", site, iv) in by_layer]
     controls += [p for site in SITES if (p := bar(
         f"KL · {site} · no vector written", [f"kl/{site}/none/{iv}/median" for iv in NO_VECTOR]))]
+
+    def arm_title(iv: str) -> str:
+        return f"{iv.removesuffix(FROM_SUFFIX)} (from L, x = L)" if iv.endswith(FROM_SUFFIX) else iv
+
+    mechanism = [line(f"KL · {site} · {arm_title(iv)}", by_layer[("kl", site, iv)], "median KL (nats)", log=True)
+                 for iv in mechanism_ivs for site in sites if ("kl", site, iv) in by_layer]
+    mechanism += [line(f"attention mass on the persona span · {site} · {m}", by_layer[(m, site, "")],
+                       f"median {m}") for m in ATTENTION_METRICS for site in sites if (m, site, "") in by_layer]
+    mechanism += [p for site in SITES if (p := bar(
+        f"KL · {site} · references (nothing written)",
+        [f"kl/{site}/none/{iv}/median" for iv in MECHANISM_REFERENCES]))]
     for name, panels in (("KL by layer", kl), ("Geometry by layer", geo), ("Markers", markers),
-                         ("Host injection", host), ("Controls", controls)):
+                         ("Host injection", host), ("Controls", controls), ("Controls and mechanism", mechanism)):
         if panels:
             sections.append((name, panels))
     other = _other(keys, known, xkey)
@@ -293,7 +363,7 @@ _KNOWN = [
     re.compile(p) for p in (
         r"kl/[^/]+/(L[0-9+]+|none)/[^/]+/[^/]+",  # per-layer / per-set summary keys
         r"kl/[^/]+/[^/]+/[^/]+",  # layer-free KL (shown by layer in history, or as host/controls)
-        rf"({'|'.join(GEOMETRY_METRICS)})/[^/]+(/L\d+)?/[^/]+",
+        rf"({'|'.join((*GEOMETRY_METRICS, *ATTENTION_METRICS))})/[^/]+(/L\d+)?/[^/]+",
         r"markers/[^/]+/(any_rate|distinct_mean)",
         rf"{HISTORY}/.*", r"layer", r"layer_frac", r"results", r"generations",
     )
@@ -309,7 +379,7 @@ def _other(keys: Keys, known: set[str], xkey: str) -> list[dict[str, Any]]:
             k == f"{HISTORY}/kl/{s}" for s in SITES
         ):
             parts = k.split("/")
-            if parts[1] == "kl" or parts[1] in GEOMETRY_METRICS:
+            if parts[1] == "kl" or parts[1] in (*GEOMETRY_METRICS, *ATTENTION_METRICS):
                 continue  # p25/p75 of the plotted families
             panels.append({"kind": "line", "title": k.removeprefix(f"{HISTORY}/"), "x": xkey, "y": [k],
                            "groupby": GROUP_BY, "log_y": False, "title_x": xkey, "title_y": k})

@@ -38,7 +38,10 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:
-    """Medians/IQRs over cells per metric x site x layer(s) x intervention; marker rates."""
+    """Medians/IQRs over cells per metric x site x layer(s) x intervention; marker rates; and, when the
+    job recorded them (attn_persona=true), the attention mass on the persona span per metric x site x layer."""
+    from lac.schema import ATTENTION, ATTENTION_METRICS
+
     out: dict[str, Any] = {"kl": [], "geometry": [], "markers": {}}
     kl = df[df.metric == "kl"]
     groups = sorted(kl.groupby(["site", "layers", "intervention"], sort=False),
@@ -48,6 +51,13 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     geo = df[df.intervention == DECOMPOSITION]
     for (metric, site, layer), g in geo.groupby(["metric", "site", "layer"], sort=True):
         out["geometry"].append({"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())})
+    att = df[(df.intervention == ATTENTION) & df.metric.isin(ATTENTION_METRICS)]
+    if not att.empty:  # only then: summaries of jobs without attention rows keep their shape
+        out["attention"] = [
+            {"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())}
+            for (metric, site, layer), g in sorted(att.groupby(["metric", "site", "layer"], sort=False),
+                                                   key=lambda t: (ATTENTION_METRICS.index(t[0][0]), t[0][1], t[0][2]))
+        ]
     mk = df[df.metric.isin(["marker_any", "marker_distinct"])]
     for iv, g in mk.groupby("intervention", sort=False):
         any_ = g[g.metric == "marker_any"]
@@ -63,13 +73,17 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 
 
 def summary_keys(summary: dict[str, Any]) -> dict[str, float]:
-    """Flat, stable metric names for trackers: kl/p_last/L14/additive/median, cos_xy_sum/g1/L10/median."""
+    """Flat, stable metric names for trackers: kl/p_last/L14/additive/median, cos_xy_sum/g1/L10/median,
+    attn_persona/p_last/L10/median (a layer set: kl/p_last/L10+11+12/kv_persona/median; none: kl/p_last/none/...)."""
     flat: dict[str, float] = {}
     for r in summary.get("kl", []):
         layers = f"L{r['layers'].replace(',', '+')}" if r["layers"] else "none"
         for s in ("median", "p25", "p75", "min", "max"):
             flat[f"kl/{r['site']}/{layers}/{r['intervention']}/{s}"] = r[s]
     for r in summary.get("geometry", []):
+        for s in ("median", "p25", "p75"):
+            flat[f"{r['metric']}/{r['site']}/L{r['layer']}/{s}"] = r[s]
+    for r in summary.get("attention", []):
         for s in ("median", "p25", "p75"):
             flat[f"{r['metric']}/{r['site']}/L{r['layer']}/{s}"] = r[s]
     for iv, r in summary.get("markers", {}).items():
@@ -79,17 +93,37 @@ def summary_keys(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """The console table: per site x layer, median KL [p25, p75] and median geometry."""
+    """The console table: per site x layer, median KL [p25, p75] and median geometry; attention mass
+    on the persona span per site x layer when the job recorded it. A run of 3+ consecutive layers (a
+    "from L" set) shows as "10..23"."""
+    from lac.schema import ATTENTION_METRICS
+
+    def shown_layers(layers: str) -> str:
+        ls = [int(p) for p in layers.split(",") if p.strip()] if layers else []
+        if len(ls) >= 3 and ls == list(range(ls[0], ls[-1] + 1)):
+            return f"{ls[0]}..{ls[-1]}"
+        return layers or "-"
+
     geo = {(r["site"], str(r["layer"]), r["metric"]): r["median"] for r in summary.get("geometry", [])}
     lines = []
     if summary.get("kl"):
-        lines.append(f"{'site':<12} {'layers':<10} {'intervention':<14} {'KL median [p25, p75]':<28} "
+        lines.append(f"{'site':<12} {'layers':<10} {'intervention':<17} {'KL median [p25, p75]':<28} "
                      f"{'cos(dXY,dX+dY)':>14} {'cos(dX,dY)':>10} {'|I|/|dXY|':>9}")
         for r in sorted(summary["kl"], key=lambda r: (r["site"], layers_key(r["layers"]), r["intervention"])):
             g = [geo.get((r["site"], r["layers"], m)) for m in ("cos_xy_sum", "cos_x_y", "inter_ratio")]
             gs = " ".join(f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}" for v, w in zip(g, (14, 10, 9), strict=True))
             kl = f"{r['median']:.4f} [{r['p25']:.4f}, {r['p75']:.4f}]"
-            lines.append(f"{r['site']:<12} {r['layers'] or '-':<10} {r['intervention']:<14} {kl:<28} {gs}")
+            lines.append(f"{r['site']:<12} {shown_layers(r['layers']):<10} {r['intervention']:<17} {kl:<28} {gs}")
+    if summary.get("attention"):
+        att = {(r["site"], r["layer"], r["metric"]): r for r in summary["attention"]}
+        shown = [m for m in ATTENTION_METRICS if any(k[2] == m for k in att)]
+        lines.append(f"{'site':<12} {'layer':<6} " + " ".join(f"{m + ' median':>30}" for m in shown))
+        for site, layer in sorted({(k[0], k[1]) for k in att}):
+            cells = []
+            for m in shown:
+                r = att.get((site, layer, m))
+                cells.append(f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]" if r else "-")
+            lines.append(f"{site:<12} {layer:<6} " + " ".join(f"{c:>30}" for c in cells))
     if summary.get("markers"):
         lines.append(f"{'condition':<12} {'any-marker rate':>16} {'cells':>9} {'mean distinct':>14}")
         for iv, r in summary["markers"].items():

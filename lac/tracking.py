@@ -62,8 +62,11 @@ What a run holds
 
 * history: one row per layer (:func:`history_rows`): ``layer``, ``layer_frac`` and
   ``by_layer/kl/{site}/{intervention}/{median,p25,p75}``, ``by_layer/{geometry metric}/{site}/...``,
-  with ``layer`` as their step metric (``define_metric``): a multi-layer job and a
-  ``-m layer=...`` sweep of one-layer jobs draw the same line against ``layer``.
+  ``by_layer/{attention metric}/{site}/...`` (attn_persona ... of the clean XY run), with ``layer``
+  as their step metric (``define_metric``): a multi-layer job and a ``-m layer=...`` sweep of
+  one-layer jobs draw the same line against ``layer``. A "from L" set (L..n_layers-1, the controls
+  sweep's kv_persona / knockout_persona) is a point of the curve
+  ``by_layer/kl/{site}/{intervention}_from/...`` at x = L, its first layer (:func:`from_layer`).
 
 W&B's conventions
 -----------------
@@ -400,14 +403,43 @@ def layer_free_keys(summary: Mapping[str, Any]) -> dict[str, float]:
 
 HISTORY_PREFIX = "by_layer"  # per-layer history keys: by_layer/kl/{site}/{intervention}/{stat} ...
 STEP_METRIC = "layer"  # their x: the layer (also logged as layer_frac = layer / n_layers)
+FROM_SUFFIX = "_from"  # by_layer/kl/{site}/{intervention}_from/...: the curve of "from L" sets, x = L
+
+
+def layer_list(layers: Any) -> list[int]:
+    """"10,11,12" (or 10, or [10, 11]) as ints; [] for no layer."""
+    if layers is None or layers == "":
+        return []
+    if isinstance(layers, int):
+        return [layers]
+    if isinstance(layers, str):
+        return [int(p) for p in layers.split(",") if p.strip()]
+    return [int(v) for v in layers]
+
+
+def from_layer(layers: Any, n_layers: int | None = None) -> int | None:
+    """L of a "from L" layer set (L, L+1, ..., n_layers-1, changed at once: ``intervention.layers=from``),
+    else None. A set of two or more consecutive layers that ends at the model's last layer; without
+    ``n_layers``, any run of two or more consecutive layers. A single layer is not a set here (at
+    L = n_layers-1 it is the same change: callers that know a from-L curve add it, see
+    :func:`history_rows`). The x of such a set on a by-layer curve is L, its FIRST layer, while the
+    tidy rows' ``layer`` column holds the deepest."""
+    ls = sorted(set(layer_list(layers)))
+    if len(ls) < 2 or ls != list(range(ls[0], ls[-1] + 1)):
+        return None
+    if n_layers and ls[-1] != int(n_layers) - 1:
+        return None
+    return ls[0]
 
 
 def history_rows(summary: Mapping[str, Any], n_layers: int | None = None) -> list[dict[str, float]]:
     """One W&B history row per layer: ``layer``, ``layer_frac`` (layer / n_layers, when known),
     ``by_layer/kl/{site}/{intervention}/{median,p25,p75}`` for the KL of single layers and
-    ``by_layer/{geometry metric}/{site}/{median,p25,p75}``. A multi-layer job and a sweep of
-    one-layer jobs log the same rows, so their curves against ``layer`` are the same.
-    KL of multi-layer sets and of interventions writing nothing has no layer: summary keys only."""
+    ``by_layer/{geometry metric}/{site}/{median,p25,p75}``, ``by_layer/{attention metric}/{site}/...``.
+    A multi-layer job and a sweep of one-layer jobs log the same rows, so their curves against
+    ``layer`` are the same. A "from L" set (:func:`from_layer`) is the point x = L (its first
+    layer) of ``by_layer/kl/{site}/{intervention}_from/...``. KL of other multi-layer sets and of
+    interventions writing nothing has no layer: summary keys only."""
     rows: dict[int, dict[str, float]] = {}
 
     def row(layer: int) -> dict[str, float]:
@@ -416,13 +448,21 @@ def history_rows(summary: Mapping[str, Any], n_layers: int | None = None) -> lis
             r["layer_frac"] = int(layer) / int(n_layers)
         return r
 
-    for r in summary.get("kl", []):
+    kl = summary.get("kl", [])
+    with_from = {(r["site"], r["intervention"]) for r in kl if from_layer(r.get("layers"), n_layers) is not None}
+    for r in kl:
         layers = str(r.get("layers") or "")
+        base = f"{HISTORY_PREFIX}/kl/{r['site']}/{r['intervention']}"
+        start = from_layer(layers, n_layers)
+        if start is not None:
+            row(start).update({f"{base}{FROM_SUFFIX}/{s}": r[s] for s in _STATS_GEO})
+            continue
         if not layers or "," in layers:
             continue
-        base = f"{HISTORY_PREFIX}/kl/{r['site']}/{r['intervention']}"
         row(int(layers)).update({f"{base}/{s}": r[s] for s in _STATS_GEO})
-    for r in summary.get("geometry", []):
+        if n_layers and int(layers) == int(n_layers) - 1 and (r["site"], r["intervention"]) in with_from:
+            row(int(layers)).update({f"{base}{FROM_SUFFIX}/{s}": r[s] for s in _STATS_GEO})  # from n-1 = at n-1
+    for r in (*summary.get("geometry", []), *summary.get("attention", [])):
         base = f"{HISTORY_PREFIX}/{r['metric']}/{r['site']}"
         row(int(r["layer"])).update({f"{base}/{s}": r[s] for s in _STATS_GEO})
     return [rows[k] for k in sorted(rows)]
@@ -778,7 +818,8 @@ def start_tracker(tcfg: Any, *, run_id: str, config: Mapping[str, Any], run_dir:
 
 __all__ = [
     "NoTracker", "Tracker", "TrackerError", "WandbTracker", "api_key_source", "check_tracker",
-    "configure_logging", "flatten", "group_keys", "history_rows", "layer_free_keys", "progress_callback",
+    "configure_logging", "flatten", "from_layer", "group_keys", "history_rows", "layer_free_keys", "layer_list",
+    "progress_callback",
     "resolve_mode", "run_config", "run_id_for", "start_tracker", "timing_line", "trainer_options",
     "wandb_dir", "wandb_settings",
 ]

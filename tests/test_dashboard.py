@@ -70,12 +70,15 @@ def test_catalogue_workspace_offline_has_every_section(tmp_path, capsys):
     view = json.loads(out.read_text())
     assert view["entity"] == "e" and view["project"] == "p"
     sections = [s["name"] for s in view["spec"]["section"]["panelBankConfig"]["sections"]]
-    assert sections == ["KL by layer", "Geometry by layer", "Markers", "Host injection", "Controls"]
+    assert sections == ["KL by layer", "Geometry by layer", "Markers", "Host injection", "Controls",
+                        "Controls and mechanism"]
     cat = dashboard.catalogue()
     titles = _check_panels(view, cat.history, cat.summary, cat.config)
     assert "KL by layer | KL · p_last · additive" in titles
     assert "Geometry by layer | inter_ratio · g1" in titles
     assert "Host injection | KL · p_last · host_additive by layer set" in titles
+    assert "Controls and mechanism | KL · p_last · kv_persona (from L, x = L)" in titles
+    assert "Controls and mechanism | attention mass on the persona span · p_last · attn_persona" in titles
     run_set = view["spec"]["section"]["runSets"][0]
     assert run_set["grouping"] == [{"section": "config", "name": "model.value"}]
     assert run_set["filters"]["filters"][0]["value"] == "g"
@@ -155,6 +158,49 @@ def test_new_keys_get_panels_in_other_results():
     sections = dict(dashboard.plan(keys))
     assert [p["y"] for p in sections["Other results"]] == [["by_layer/steer/p_last/median"],
                                                            ["mechanism/p_last/ablation_kl"]]
+
+
+def test_catalogue_reads_the_interventions_from_their_configs(tmp_path, monkeypatch):
+    """Every conf/intervention/*.yaml name is catalogued: the new controls, their "from L" curves
+    (x = L) and the attention metrics; a new config's name appears without touching lac.dashboard."""
+    import yaml
+
+    from lac.paths import conf_dir
+
+    names = {yaml.safe_load(f.read_text())["name"] for f in (Path(conf_dir()) / "intervention").glob("*.yaml")}
+    assert {"host_none_lm", "host_oracle_lm", "host_oracle_norm", "host_oracle_span", "kv_persona",
+            "knockout_persona"} <= names
+    assert set(dashboard.interventions()) == names
+    assert dashboard.interventions()["kv_persona"] == {"each", "from"}  # kv_persona.yaml, kv_persona_from.yaml
+    keys = dashboard.catalogue()
+    for iv in ("host_oracle_lm", "host_oracle_norm", "host_oracle_span", "kv_persona", "knockout_persona"):
+        assert f"by_layer/kl/p_last/{iv}/median" in keys.history, iv
+    for iv in ("kv_persona_from", "knockout_persona_from"):
+        assert f"by_layer/kl/p_last/{iv}/median" in keys.history, iv
+    assert "kl/p_last/none/host_none_lm/median" in keys.summary
+    assert "by_layer/kl/p_last/host_none_lm/median" not in keys.history  # nothing written: no layer
+    for m in ("attn_persona", "attn_persona_max", "attn_persona_window", "attn_persona_window_max"):
+        assert f"by_layer/{m}/p_last/median" in keys.history and f"{m}/p_last/L10/median" in keys.summary
+    sections = dict(dashboard.plan(keys))
+    mech = {p["title"]: p for p in sections["Controls and mechanism"]}
+    assert mech["KL · p_last · knockout_persona (from L, x = L)"]["y"] == [
+        "by_layer/kl/p_last/knockout_persona_from/median"]
+    assert mech["KL · p_last · references (nothing written)"]["y"] == [
+        "kl/p_last/none/host_none/median", "kl/p_last/none/host_none_lm/median", "kl/p_last/none/clean/median"]
+    assert "Other results" not in sections  # every catalogued key has its place
+    assert not any("host_oracle_lm" in p["title"] for p in sections["Controls"])
+
+    # a new intervention config: catalogued by its name field
+    conf = tmp_path / "conf"
+    (conf / "intervention").mkdir(parents=True)
+    for f in (Path(conf_dir()) / "intervention").glob("*.yaml"):
+        (conf / "intervention" / f.name).write_text(f.read_text())
+    (conf / "intervention" / "steer.yaml").write_text("name: steer_persona\nlayers: null\n")
+    monkeypatch.setattr("lac.paths.conf_dir", lambda: str(conf))
+    keys = dashboard.catalogue()
+    assert "by_layer/kl/p_last/steer_persona/median" in keys.history
+    assert any(p["y"] == ["by_layer/kl/p_last/steer_persona/median"]
+               for p in dict(dashboard.plan(keys))["Controls"])
 
 
 # --------------------------------------------------------------------------- slow: real offline runs

@@ -707,6 +707,163 @@ def test_report_never_imports_torch_or_transformers():
     assert r.returncode == 0, r.stderr
 
 
+# --------------------------------------------------------------------------- controls and mechanism
+
+DEPTH = 8  # the controls frames' model depth: from-L sets are L..7
+ATTN = ("attn_persona", "attn_persona_max", "attn_persona_window", "attn_persona_window_max")
+
+
+def from_set(L: int, n: int = DEPTH) -> str:
+    return ",".join(map(str, range(L, n)))
+
+
+def controls_frame(model: str = "m", model_id: str = OTHER, grid: str = "long", site: str = "p_last",
+                   layers=(0, 2, 4, 6), attention: bool = True) -> pd.DataFrame:
+    """The controls sweep of one model at one site: host_none / host_none_lm (no layer), host_oracle,
+    host_oracle_norm, host_oracle_lm, host_oracle_span (single layers), kv_persona / knockout_persona
+    "from L" sets (layers L..DEPTH-1, `layer` the deepest), and attention rows at every layer.
+    Cell values 0..11 (+ offsets), so the percentiles are easy to compute by hand."""
+    base = np.arange(12.0)  # median 5.5, p25 2.75, p75 8.25 (numpy linear)
+    m = (model, model_id, grid, site)
+    rs = rows(*m, "", "host_none", "kl", base + 10) + rows(*m, "", "host_none_lm", "kl", base + 9)
+    for L in layers:
+        rs += rows(*m, str(L), "host_oracle", "kl", base + 8)
+        rs += rows(*m, str(L), "host_oracle_norm", "kl", base + 7)
+        rs += rows(*m, str(L), "host_oracle_lm", "kl", base + 6)
+        rs += rows(*m, str(L), "host_oracle_span", "kl", base * (DEPTH - L) / DEPTH)
+        rs += rows(*m, from_set(L), "kv_persona", "kl", base * L / 100)
+        rs += rows(*m, from_set(L), "knockout_persona", "kl", base * (DEPTH - L) / 10)
+    if attention:
+        for L in range(DEPTH):
+            for j, metric in enumerate(ATTN):
+                rs += rows(*m, str(L), "attention", metric, (base + 1) / 100 * (j + 1) + (L == 3) * 0.3)
+    return frame(rs)
+
+
+def test_controls_table_hand_computed_percentiles_and_from_labels():
+    df = controls_frame()
+    rep = report.build_tables(df, depths={("m", OTHER): DEPTH})
+    sections = dict(rep.sections)
+    (t,) = [t for t in sections["Controls and mechanism"] if t.title.startswith("Controls")]
+    assert t.title == "Controls, m, grid `long`" and list(t.frame.columns) == [
+        "site", "intervention", "layer", "cells", "KL"]
+    f = t.frame.set_index(["intervention", "layer"])["KL"]
+    # 0..11: median 5.5, p25 2.75, p75 8.25; + 10: 15.5 [12.8, 18.2] (3 significant digits)
+    assert f[("host_none", report.DASH)] == "15.5 [12.8, 18.2]"
+    assert f[("host_none_lm", report.DASH)] == "14.5 [11.8, 17.2]"
+    assert f[("host_oracle_lm", "L4")] == "11.5 [8.75, 14.2]"
+    assert f[("host_oracle_span", "L4")] == "2.75 [1.38, 4.12]"  # x (8-4)/8
+    assert f[("kv_persona", "from 4")] == "0.22 [0.11, 0.33]"  # x 4/100
+    assert f[("kv_persona", "from 0")] == "0 [0, 0]"
+    assert f[("knockout_persona", "from 2")] == "3.3 [1.65, 4.95]"  # x (8-2)/10
+    # rows: references first, then the controls, each by layer; from-L sets labelled by their first layer
+    order = list(dict.fromkeys(t.frame["intervention"]))
+    assert order == ["host_none", "host_none_lm", "host_oracle", "host_oracle_norm", "host_oracle_lm",
+                     "host_oracle_span", "kv_persona", "knockout_persona"]
+    assert list(t.frame[t.frame.intervention == "kv_persona"]["layer"]) == ["from 0", "from 2", "from 4", "from 6"]
+    assert set(t.frame["cells"]) == {"12"}
+    # the same labels without depths (a run of consecutive layers is a from-L set)
+    t2 = report.controls_tables(df)[0]
+    assert list(t2.frame[t2.frame.intervention == "knockout_persona"]["layer"]) == [
+        "from 0", "from 2", "from 4", "from 6"]
+    # the controls are not repeated in the paper's tables
+    titles = [tt.title for tt in rep.tables()]
+    assert not any("kv_persona" in x or "host_oracle_lm" in x for x in titles)
+    host = [tt for tt in rep.tables() if tt.title.startswith("Host injection")]
+    assert all(not tt.frame["intervention"].str.contains("_lm|_span|_norm").any() for tt in host)
+    assert not any(x.startswith("Multi-layer injection") for x in titles)
+    # attention table: median [p25, p75] per site x layer
+    (a,) = [t for t in sections["Controls and mechanism"] if t.title.startswith("Attention")]
+    assert list(a.frame.columns) == ["site", "layer", *ATTN]
+    f = a.frame.set_index("layer")
+    assert f.loc["0", "attn_persona"] == "0.065 [0.0375, 0.0925]"  # (1..12) / 100
+    assert f.loc["0", "attn_persona_max"] == "0.13 [0.075, 0.185]"  # x 2
+    assert list(f.index) == [str(L) for L in range(DEPTH)]
+    # markdown: the section, one sentence per curve present
+    md = report.render_markdown(rep)
+    assert "## Controls and mechanism" in md and "| p_last | kv_persona | from 4 | 12 | 0.22 [0.11, 0.33] |" in md
+    assert "If the paper's explanation holds" in md
+    for curve in ("host_oracle_lm", "host_oracle_span", "kv_persona (from L)", "knockout_persona (from L)",
+                  "host_none (BY host, nothing written)", "host_none_lm (LY host, nothing written)",
+                  "clean XY (KL = 0)", "attn_persona", "attn_persona_window"):
+        assert f"- **{curve}** " in md, curve
+    assert "kv_persona (at L)" not in md  # no single-layer kv rows: no sentence for them
+    # no controls, no attention: no section
+    plain = report.build_tables(sweep_frame("m", OTHER, "short"))
+    assert "Controls and mechanism" not in dict(plain.sections)
+    assert "Controls and mechanism" not in report.render_markdown(plain)
+
+
+def test_controls_table_single_last_layer_joins_the_from_curve():
+    """A one-layer kv_persona at L = n-1 is the same change as "from n-1": labelled and drawn so."""
+    df = pd.concat([controls_frame(attention=False),
+                    frame(rows("m", OTHER, "long", "p_last", str(DEPTH - 1), "kv_persona", "kl", np.arange(12.0)))],
+                   ignore_index=True)
+    s = report.controls_summary(df, {("m", OTHER): DEPTH})
+    kv = s[s.intervention == "kv_persona"]
+    assert list(kv["label"]) == ["from 0", "from 2", "from 4", "from 6", f"from {DEPTH - 1}"]
+    assert list(kv["x"]) == [0, 2, 4, 6, DEPTH - 1]
+
+
+def _labelled(ax) -> dict[str, object]:
+    return {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+
+
+def test_mechanism_figure_curves_references_from_x_and_attention_panel():
+    df = controls_frame()
+    fig = report.mechanism_figure(df, "m", OTHER, "long", "p_last", depth=DEPTH)
+    assert len(fig.axes) == 2
+    kl_ax, att_ax = fig.axes
+    lines = _labelled(kl_ax)
+    curves = ["host_oracle_lm", "host_oracle_span", "kv_persona (from L)", "knockout_persona (from L)",
+              "host_oracle (BY host)", "host_oracle_norm (BY host)"]
+    refs = ["host_none (BY host, nothing written)", "host_none_lm (LY host, nothing written)", "clean XY (KL = 0)"]
+    assert sorted(lines) == sorted(curves + refs) and len(kl_ax.get_lines()) == len(curves) + len(refs)
+    # from-L sets at x = their FIRST layer (the rows' `layer` is the deepest, DEPTH - 1)
+    np.testing.assert_array_equal(lines["kv_persona (from L)"].get_xdata(), [0, 2, 4, 6])
+    np.testing.assert_array_equal(lines["knockout_persona (from L)"].get_xdata(), [0, 2, 4, 6])
+    np.testing.assert_allclose(lines["kv_persona (from L)"].get_ydata(), 5.5 * np.array([0, 2, 4, 6]) / 100)
+    np.testing.assert_array_equal(lines["host_oracle_span"].get_xdata(), [0, 2, 4, 6])
+    np.testing.assert_allclose(lines["host_oracle_lm"].get_ydata(), [11.5] * 4)
+    # horizontal references: host_none / host_none_lm medians, clean at 0, spanning the axes
+    for label, y in zip(refs, (15.5, 14.5, 0.0), strict=True):
+        ln = lines[label]
+        assert set(ln.get_ydata()) == {y} and list(ln.get_xdata()) == [0, 1], label
+    assert kl_ax.get_yscale() == "symlog" and kl_ax.get_xlabel() == "layer L"
+    legend = [t.get_text() for t in kl_ax.get_legend().get_texts()]
+    assert sorted(legend) == sorted(curves + refs)
+    # attention panel: the medians over cells by layer, every layer
+    att = _labelled(att_ax)
+    assert sorted(att) == sorted(report.mechanism.ATTENTION_CURVES[m][0] for m in ATTN)
+    a = att[report.mechanism.ATTENTION_CURVES["attn_persona"][0]]
+    np.testing.assert_array_equal(a.get_xdata(), range(DEPTH))
+    np.testing.assert_allclose(a.get_ydata()[3], 0.065 + 0.3)
+    assert att_ax.get_ylabel() == "attention mass on the persona span"
+    # without attention rows the panel is there and says why it is empty
+    fig = report.mechanism_figure(controls_frame(attention=False), "m", OTHER, "long", "p_last", depth=DEPTH)
+    assert not fig.axes[1].get_lines() and report.mechanism.NO_ATTENTION in [t.get_text() for t in fig.axes[1].texts]
+    # one figure per model x grid x site
+    two = pd.concat([controls_frame(), controls_frame("n", GEMMA), controls_frame(site="g1", attention=False)],
+                    ignore_index=True)
+    names = [name for name, _, _ in report.mechanism_figures(two, {("m", OTHER): DEPTH})]
+    assert names == ["mechanism_m_long_p_last", "mechanism_m_long_g1", "mechanism_n_long_p_last"]
+
+
+def test_cli_writes_the_mechanism_figure_and_links_it(tmp_path: Path, capsys):
+    write_job(tmp_path / "res" / "controls", controls_frame(), _job_summary("m", OTHER, DEPTH))
+    assert report.main([str(tmp_path / "res"), "--out", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    name = "mechanism_m_long_p_last"
+    assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+    assert (out / "figures" / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+    md = (out / "tables.md").read_text()
+    assert f"![m · grid `long` · p_last](figures/{name}.png)" in md
+    assert md.index("### Controls, m, grid `long`") < md.index(f"figures/{name}.png") < md.index(
+        "If the paper's explanation holds")
+    assert f"figures/{name}.png" in capsys.readouterr().out
+    assert "figure_" + name in json.loads((out / "report.json").read_text())["written"]
+
+
 # --------------------------------------------------------------------------- W&B
 
 

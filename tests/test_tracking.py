@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from wandb_reader import find_runs, read_run
@@ -437,3 +438,90 @@ def test_configure_logging_quiets_lightning_unless_verbose(monkeypatch):
         assert tracking.configure_logging(["lac"]) is True
     monkeypatch.delenv("LAC_DEBUG")
     assert tracking.verbose_requested(False) is False and tracking.verbose_requested(True) is True
+
+
+# --------------------------------------------------------------------------- controls and mechanism
+
+
+def controls_df(n_layers=24, starts=(10, 12), seed=7):
+    """kv_persona "from L" sets (layers L..n_layers-1, `layer` = the deepest), host_none_lm (no layer),
+    host_oracle_lm at single layers, and attention rows (every metric) at every layer, p_last."""
+    from lac.schema import ATTENTION, ATTENTION_METRICS
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for persona, task in CELLS:
+        base = dict(model="qwen0.5", model_id="embedded/q", grid="long", cell=f"{persona}__{task}",
+                    persona=persona, task=task, site="p_last")
+        rows.append({**base, "layer": -1, "layers": "", "intervention": "host_none_lm", "metric": "kl",
+                     "value": float(rng.gamma(2.0, 1.0))})
+        for L in starts:
+            rows.append({**base, "layer": n_layers - 1, "layers": ",".join(map(str, range(L, n_layers))),
+                         "intervention": "kv_persona", "metric": "kl", "value": float(rng.gamma(2.0, 0.1))})
+            rows.append({**base, "layer": L, "layers": str(L), "intervention": "host_oracle_lm", "metric": "kl",
+                         "value": float(rng.gamma(2.0, 0.5))})
+        for L in range(n_layers):
+            rows += [{**base, "layer": L, "layers": str(L), "intervention": ATTENTION, "metric": m,
+                      "value": float(rng.uniform(0, 1))} for m in ATTENTION_METRICS]
+    return frame(rows)
+
+
+def test_from_layer_is_the_first_layer_of_a_set_ending_at_the_last_layer():
+    assert tracking.from_layer("10,11,12,13", 14) == 10
+    assert tracking.from_layer("10,11,12,13", 24) is None  # not L..n-1
+    assert tracking.from_layer("10,11,12,13") == 10  # depth unknown: consecutive is enough
+    assert tracking.from_layer("6,8,10") is None and tracking.from_layer("13", 14) is None
+    assert tracking.from_layer("") is None
+
+
+def test_attention_and_from_sets_reach_summary_keys_and_history():
+    df = controls_df()
+    s = summarize(df)
+    keys = summary_keys(s)
+    att = df[(df.metric == "attn_persona") & (df.layer == 5)].value.to_numpy()
+    assert keys["attn_persona/p_last/L5/median"] == np.median(att)
+    assert keys["attn_persona/p_last/L5/p25"] == np.percentile(att, 25)
+    for m in ("attn_persona_max", "attn_persona_window", "attn_persona_window_max"):
+        assert {f"{m}/p_last/L{L}/median" for L in range(24)} <= set(keys), m
+    from_set = ",".join(map(str, range(10, 24)))
+    kv = df[(df.intervention == "kv_persona") & (df.layers == from_set)].value.to_numpy()
+    assert keys[f"kl/p_last/L{from_set.replace(',', '+')}/kv_persona/median"] == np.median(kv)
+    assert keys["kl/p_last/none/host_none_lm/median"] == np.median(df[df.intervention == "host_none_lm"].value)
+
+    rows = {r["layer"]: r for r in tracking.history_rows(s, n_layers=24)}
+    assert sorted(rows) == list(range(24))
+    # a from-L set is the point x = L (its first layer) of the kv_persona_from curve, not x = 23
+    assert rows[10]["by_layer/kl/p_last/kv_persona_from/median"] == np.median(kv)
+    assert {L for L, r in rows.items() if "by_layer/kl/p_last/kv_persona_from/median" in r} == {10, 12}
+    assert "by_layer/kl/p_last/kv_persona/median" not in rows[23]
+    assert rows[12]["by_layer/kl/p_last/host_oracle_lm/median"] == np.median(
+        df[(df.intervention == "host_oracle_lm") & (df.layer == 12)].value)
+    assert rows[5]["by_layer/attn_persona_window/p_last/median"] == np.median(
+        df[(df.metric == "attn_persona_window") & (df.layer == 5)].value)
+    assert not any("host_none_lm" in k for r in rows.values() for k in r)  # no layer: summary keys only
+    # a single layer at n-1 is also "from n-1" when the job has from-L sets of that intervention
+    last = df[(df.intervention == "kv_persona") & (df.layers == from_set)].assign(layers="23")
+    rows = {r["layer"]: r for r in tracking.history_rows(summarize(pd.concat([df, last])), n_layers=24)}
+    assert rows[23]["by_layer/kl/p_last/kv_persona_from/median"] == np.median(kv)
+    # the console table folds the set
+    from lac.results import format_table
+
+    table = format_table(s)
+    assert "10..23" in table and "attn_persona median" in table
+
+
+def test_offline_run_logs_attention_and_from_curves(tmp_path):
+    df = controls_df(starts=(10,))
+    cfg = job_config(layer=(10,))
+    cfg["intervention"] = {"name": "kv_persona", "layers": "from"}
+    tr = start_tracker(tcfg(), run_id="lac-controls", config=cfg, run_dir=tmp_path / "job", name="controls")
+    tr.log_results(df, summarize(df))
+    tr.finish()
+    run = read_run(find_runs(tmp_path / "job")[0])
+    hist = _history(run)
+    kv = df[df.intervention == "kv_persona"].value.to_numpy()
+    assert hist[10]["by_layer/kl/p_last/kv_persona_from/median"] == np.median(kv)
+    att = df[(df.metric == "attn_persona") & (df.layer == 3)].value.to_numpy()
+    assert hist[3]["by_layer/attn_persona/p_last/median"] == np.median(att)
+    assert run.summary["attn_persona/p_last/L3/median"] == np.median(att)
+    assert run.config["intervention"] == "kv_persona" and run.config["layer"] == 10

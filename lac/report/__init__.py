@@ -10,6 +10,16 @@ paths, checks the tidy schema, pools the rows into one table and writes, under
                                          (grid, site), one line per model, x = layer / depth
                                          (--x layer: absolute), published medians as diamonds
     figures/geometry_by_layer.{png,pdf}  the same per geometry metric
+    figures/mechanism_<model>_<grid>_<site>.{png,pdf}
+                                         controls and mechanism (results with control interventions
+                                         or attention rows): KL by layer of host_oracle_lm,
+                                         host_oracle_span, kv_persona / knockout_persona "from L"
+                                         (x = L, the set's first layer), host_none, host_none_lm and
+                                         clean (KL = 0) as horizontal lines; attention mass on the
+                                         persona span by layer. tables.md's "Controls and mechanism"
+                                         section holds the controls table, the attention table, the
+                                         figures and what each curve would show if the paper's
+                                         explanation holds
     report.json            what was read and written (also marks this dir as a report,
                            so a later run over the same root does not read it back)
 
@@ -24,7 +34,8 @@ that reads but carries another schema is refused (exit 3), as before: its rows
 mean something else, so a report without them would be silently partial.
 
 Modules: loading (find, read, validate, write), published (the paper's numbers), summaries
-(medians/IQRs over cells, via lac.stats), tables (display tables, markdown), figures,
+(medians/IQRs over cells, via lac.stats), tables (display tables, markdown), figures, mechanism
+(controls table, attention table, mechanism figures and their reading),
 wandb_upload (--wandb), cli. Everything is re-exported here.
 
 Exit codes: 0 done; 2 no results under the paths (or none of them readable);
@@ -34,6 +45,8 @@ Exit codes: 0 done; 2 no results under the paths (or none of them readable);
 from __future__ import annotations
 
 from lac.report._common import (  # noqa: I001
+    CONTROL_INTERVENTIONS,
+    CONTROL_ORDER,
     DASH,
     EXIT_NO_RESULTS,
     EXIT_OK,
@@ -90,6 +103,16 @@ from lac.report.loading import (
     write_parquet,
     write_text,
 )
+from lac.report.mechanism import (
+    attention_tables,
+    controls_summary,
+    controls_tables,
+    curves_present,
+    mechanism_figure,
+    mechanism_figures,
+    mechanism_markdown,
+    mechanism_panels,
+)
 from lac.report.published import (
     load_paper_tables,
     published_geometry,
@@ -99,6 +122,7 @@ from lac.report.published import (
 )
 from lac.report.summaries import (
     _summarise,
+    attention_summary,
     coverage,
     coverage_compact,
     geometry_summary,
@@ -109,6 +133,7 @@ from lac.report.summaries import (
     render_coverage,
 )
 from lac.report.tables import (
+    CONTROLS_SECTION,
     Report,
     Table,
     _rows_in_order,
@@ -140,6 +165,9 @@ __all__ = [
     "GRID_ORDER",
     "MARKER_CONDITIONS",
     "HOST_ORDER",
+    "CONTROL_INTERVENTIONS",
+    "CONTROL_ORDER",
+    "CONTROLS_SECTION",
     "FIGURE1_SITES",
     "KL_THRESHOLD",
     "PAPER_KL_TABLES",
@@ -179,6 +207,7 @@ __all__ = [
     "published_host",
     "_summarise",
     "kl_summary",
+    "attention_summary",
     "geometry_summary",
     "marker_summary",
     "marker_label",
@@ -203,6 +232,14 @@ __all__ = [
     "kl_by_layer_figure",
     "geometry_by_layer_figure",
     "save_figure",
+    "controls_summary",
+    "controls_tables",
+    "attention_tables",
+    "mechanism_panels",
+    "mechanism_figure",
+    "mechanism_figures",
+    "curves_present",
+    "mechanism_markdown",
     "wandb_group",
     "_tracker_config",
     "wandb_mode",

@@ -21,6 +21,15 @@ SITE_ORDER = ("p_user_last", "p_last", "g1", "g2")
 GRID_ORDER = ("short", "long", "markers")
 MARKER_CONDITIONS = ("clean", "additive", "remove_x", "bare")
 HOST_ORDER = ("host_none", "host_oracle", "host_additive")
+# METHOD.md "Controls and mechanism interventions": their own table and figure (not tables 1-4)
+CONTROL_INTERVENTIONS = (
+    "host_none_lm", "host_oracle_lm", "host_oracle_norm", "host_oracle_span", "kv_persona", "knockout_persona",
+)
+# the controls table's rows: the controls and their references, in this order
+CONTROL_ORDER = (
+    "clean", "host_none", "host_none_lm", "host_oracle", "host_oracle_norm", "host_oracle_lm",
+    "host_oracle_span", "kv_persona", "knockout_persona",
+)
 FIGURE1_SITES = ("p_last", "g1", "g2")
 KL_THRESHOLD = 0.1  # the dotted line of the paper's Figure 1
 PAPER_KL_TABLES = {"short": "table1_short_grid_additive_kl", "long": "table2_long_grid_additive_kl"}

@@ -33,7 +33,9 @@ from lac.report.loading import (
     write_parquet,
     write_text,
 )
+from lac.report.mechanism import mechanism_figures, mechanism_markdown
 from lac.report.summaries import (
+    attention_summary,
     coverage,
     geometry_summary,
     kl_summary,
@@ -41,6 +43,7 @@ from lac.report.summaries import (
     render_coverage,
 )
 from lac.report.tables import (
+    CONTROLS_SECTION,
     build_tables,
     render_markdown,
     render_short,
@@ -128,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("present (model · grid · intervention · site: layer:cells):")
     print(render_coverage(df))
 
-    report = build_tables(df)
+    depths = model_depths(jobs, df)
+    report = build_tables(df, depths=depths)
     header = [
         f"lac {lac.__version__}, schema {SCHEMA_VERSION}. {len(jobs)} job dir(s), "
         f"{len(df)} rows, {len(found.incomplete)} incomplete job dir(s).",
@@ -143,10 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
     written["results"] = str(write_parquet(df, out / RESULTS_FILE))
-    written["tables"] = str(write_text(render_markdown(report, header), out / "tables.md"))
 
     figures: dict[str, Path] = {}
-    depths = model_depths(jobs, df)
     for name, make in (
         ("kl_by_layer", kl_by_layer_figure),
         ("geometry_by_layer", geometry_by_layer_figure),
@@ -158,6 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = save_figure(fig, out / "figures" / name)
         figures[name] = paths[0]
         written[f"figure_{name}"] = [str(p) for p in paths]
+    mechanism = []
+    for name, title, fig in mechanism_figures(df, depths):
+        paths = save_figure(fig, out / "figures" / name)
+        figures[name] = paths[0]
+        written[f"figure_{name}"] = [str(p) for p in paths]
+        mechanism.append((name, title))
+    if CONTROLS_SECTION in report.text:
+        report.text[CONTROLS_SECTION] = mechanism_markdown(df, mechanism, depths)
+    written["tables"] = str(write_text(render_markdown(report, header), out / "tables.md"))
 
     if args.wandb:
         group = wandb_group(found.jobs)
@@ -177,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kl_summary": kl_summary(df),
                 "geometry_summary": geometry_summary(df),
                 "marker_summary": marker_summary(df),
+                "attention_summary": attention_summary(df),
                 "coverage": coverage(df),
             },
         )

@@ -13,7 +13,7 @@ from lac.report._common import (
     _site_key,
     percentiles,
 )
-from lac.schema import DECOMPOSITION, GEOMETRY_METRICS, MARKER_METRICS
+from lac.schema import ATTENTION, ATTENTION_METRICS, DECOMPOSITION, GEOMETRY_METRICS, MARKER_METRICS
 
 # --------------------------------------------------------------------------- tidy summaries
 
@@ -40,6 +40,13 @@ def kl_summary(df: pd.DataFrame) -> pd.DataFrame:
 def geometry_summary(df: pd.DataFrame) -> pd.DataFrame:
     """median/p25/p75 of each geometry metric per (grid, model, model_id, site, layer, metric)."""
     sel = df[(df["intervention"] == DECOMPOSITION) & df["metric"].isin(GEOMETRY_METRICS)]
+    return _summarise(sel, ["grid", "model", "model_id", "site", "layer", "metric"])
+
+
+def attention_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """median/p25/p75 of each attention-mass metric (attn_persona ...) per (grid, model, model_id,
+    site, layer, metric): the clean XY run's attention on the persona span."""
+    sel = df[(df["intervention"] == ATTENTION) & df["metric"].isin(ATTENTION_METRICS)]
     return _summarise(sel, ["grid", "model", "model_id", "site", "layer", "metric"])
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from lac.report._common import (
+    CONTROL_INTERVENTIONS,
     DASH,
     LEGEND,
     _condition_key,
@@ -207,7 +208,9 @@ def marker_table(
 
 
 def layer_set_summary(summary: pd.DataFrame, host: bool) -> pd.DataFrame:
-    """KL rows of table 4 (host_* interventions) or of other multi-layer injections."""
+    """KL rows of table 4 (host_* interventions) or of other multi-layer injections; the controls
+    (CONTROL_INTERVENTIONS, host_*_lm included) have their own table."""
+    summary = summary[~summary["intervention"].isin(CONTROL_INTERVENTIONS)]
     is_host = summary["intervention"].str.startswith("host_")
     if host:
         return summary[is_host]
@@ -250,13 +253,23 @@ class Report:
 
     sections: list[tuple[str, list[Table]]]
     short: list[Table]  # what is printed to the terminal
+    text: dict[str, list[str]] = field(default_factory=dict)  # markdown lines after a section's tables
 
     def tables(self) -> list[Table]:
         return [t for _, ts in self.sections for t in ts]
 
 
-def build_tables(df: pd.DataFrame, paper: dict[str, Any] | None = None) -> Report:
-    """Every table, one grid at a time (medians are never pooled across grids)."""
+CONTROLS_SECTION = "Controls and mechanism"
+
+
+def build_tables(
+    df: pd.DataFrame, paper: dict[str, Any] | None = None, depths: dict[tuple[str, str], int] | None = None,
+) -> Report:
+    """Every table, one grid at a time (medians are never pooled across grids). `depths` (n_layers per
+    (model, model_id)) tells a "from L" layer set (L..n_layers-1) for the controls table; without it
+    any run of consecutive layers counts as one."""
+    from lac.report.mechanism import attention_tables, controls_tables, mechanism_markdown
+
     paper = load_paper_tables() if paper is None else paper
     ksum, gsum, msum = kl_summary(df), geometry_summary(df), marker_summary(df)
     sections: list[tuple[str, list[Table]]] = []
@@ -266,7 +279,9 @@ def build_tables(df: pd.DataFrame, paper: dict[str, Any] | None = None) -> Repor
     sections.append(("Coverage", [cov]))
 
     single = ksum[
-        ksum["layers"].map(is_single_layer) & ~ksum["intervention"].str.startswith("host_")
+        ksum["layers"].map(is_single_layer)
+        & ~ksum["intervention"].str.startswith("host_")
+        & ~ksum["intervention"].isin(CONTROL_INTERVENTIONS)
     ]
     grids = sorted(set(ksum["grid"]) | set(gsum["grid"]), key=_grid_key)
     for grid in grids:
@@ -313,7 +328,13 @@ def build_tables(df: pd.DataFrame, paper: dict[str, Any] | None = None) -> Repor
             sections.append((title, hts))
             if host:
                 short.extend(hts)
-    return Report(sections, short)
+
+    cts = controls_tables(df, depths) + attention_tables(df)
+    text: dict[str, list[str]] = {}
+    if cts:
+        sections.append((CONTROLS_SECTION, cts))
+        text[CONTROLS_SECTION] = mechanism_markdown(df, None, depths)
+    return Report(sections, short, text)
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
@@ -341,6 +362,7 @@ def render_markdown(report: Report, header: Sequence[str] = ()) -> str:
             parts += [f"_{n}_" for n in t.notes]
             if t.notes:
                 parts.append("")
+        parts += report.text.get(name, [])
     return "\n".join(parts).rstrip() + "\n"
 
 
