@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 import lac
+from lac.io import atomic_write
 from lac.report._common import (
     REPORT_KIND,
     REPORT_MARKER,
@@ -195,16 +194,8 @@ def drop_duplicate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def _atomic(path: Path, write: Any) -> Path:
-    """Write via a temp file in the same dir, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """lac's one atomic write (temp file, fsync, rename): readers never see half a file."""
+    atomic_write(path, write)
     return path
 
 
