@@ -95,29 +95,51 @@ def _forward(lm, ids, writes=(), knock=(), past=None, start=0):
     return torch.log_softmax(out.logits[0].float(), -1)
 
 
+_MEMO: dict = {}  # clean plain forwards, reused across the cases of one model (keyed by the model object)
+
+
+def _memo(lm, kind, ids, fn):
+    key = (id(lm.model), kind, tuple(ids))
+    if key not in _MEMO:
+        if len(_MEMO) > 64:
+            _MEMO.clear()
+        _MEMO[key] = (lm.model, fn())  # keep the model alive so its id is not reused
+    return _MEMO[key][1]
+
+
 def _hidden(lm, ids):
-    with torch.no_grad():
-        return lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    def run():
+        with torch.no_grad():
+            return lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return _memo(lm, "hidden", ids, run)
 
 
 def _kv(lm, ids):
-    with torch.no_grad():
-        cache = lm.model(torch.tensor([ids]), use_cache=True, past_key_values=DynamicCache()).past_key_values
-    return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    def run():
+        with torch.no_grad():
+            cache = lm.model(torch.tensor([ids]), use_cache=True, past_key_values=DynamicCache()).past_key_values
+        return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+    return _memo(lm, "kv", ids, run)
+
+
+def _ref(lm, ids):
+    def run():
+        with torch.no_grad():
+            gen = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                    max_new_tokens=REF_TOKENS, do_sample=False, num_beams=1)
+        return gen[0, len(ids):].tolist()
+    return _memo(lm, "ref", ids, run)
 
 
 def plain_kl(lm, prompts, name, site, layers):
     """KL(P_XY || P_intervened) over the site's window, written out from METHOD.md; prompts: role -> Prompt."""
     xy, by, ly = prompts["XY"], prompts["BY"], prompts["LY"]
-    with torch.no_grad():
-        gen = lm.model.generate(torch.tensor([xy.ids]), attention_mask=torch.ones(1, len(xy.ids), dtype=torch.long),
-                                max_new_tokens=REF_TOKENS, do_sample=False, num_beams=1)
-    ref = gen[0, len(xy.ids):].tolist()
+    ref = _ref(lm, list(xy.ids))
     w0 = {"p_last": 0, "g1": 1, "g2": 2}[site]
     tail = ref[: w0 + 10]
     pos = len(xy.ids) - 1 + w0  # the site in prompt + ref (every host here has XY's length, or BY's)
     first = len(xy.ids) - 1 + w0
-    clean = _forward(lm, list(xy.ids) + tail)[first : first + 10]
+    clean = _memo(lm, "clean", list(xy.ids) + tail, lambda: _forward(lm, list(xy.ids) + tail))[first : first + 10]
     hx = _hidden(lm, list(xy.ids) + tail)
     s, e = xy.span
     if name == "host_none_lm":

@@ -47,11 +47,17 @@ def test_fingerprint_covers_every_intervention_site_and_generation(current):
 
 
 def test_a_change_of_numbers_is_caught(monkeypatch, current):
-    """A one-token shift of p_last's KL window (a plausible bug) changes the fingerprint."""
-    from lac import sites
+    """KL taken in the wrong direction, KL(P_int || P_clean) (a plausible bug), changes the fingerprint."""
+    from lac import patching
 
-    monkeypatch.setitem(sites._WINDOW_START, "p_last", 1)
+    monkeypatch.setattr(patching, "kl_window", lambda clean, other: patching_kl(other, clean))
     assert _diffs(numerics.fingerprint(), current)
+
+
+def patching_kl(p, q):
+    from lac.metrics import kl_window
+
+    return kl_window(p, q)
 
 
 def test_job_and_capture_keys_carry_the_numerics_version(monkeypatch):
