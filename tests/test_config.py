@@ -199,3 +199,22 @@ def test_model_id_neither_hub_id_nor_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="google/gemma-2-2b-it is not in the local Hugging Face cache and HF_HUB_OFFLINE"):
         preflight(compose(["tracker=none", "model=gemma2", f"results_root={tmp_path}"]))
+
+
+def test_controls_bad_input():
+    with pytest.raises(ConfigError, match="edits attention, which needs eager attention.*model.attn_implementation=eager"):
+        spec("intervention=knockout_persona", "model.attn_implementation=sdpa")
+    with pytest.raises(ConfigError, match="attn_persona reads attention weights.*eager"):
+        spec("attn_persona=true", "model.attn_implementation=sdpa")
+    with pytest.raises(ConfigError, match=r"intervention.layers='from:24': 'from:L' needs an integer L in 0..23"):
+        spec("intervention=kv_persona", "intervention.layers=from:24")
+    with pytest.raises(ConfigError, match=r"'from:L' needs an integer"):
+        spec("intervention=kv_persona", "intervention.layers=from:x")
+    s = spec("intervention=kv_persona", "intervention.layers=from:20", "site=p_last")
+    assert [j.layers for j in s.jobs] == [(20, 21, 22, 23)]
+    s = spec("intervention=knockout_persona_from", "layer=[10,22]", "site=p_last")
+    assert [j.layers for j in s.jobs] == [tuple(range(10, 24)), (22, 23)]
+    with pytest.raises(ConfigError, match="unknown marker condition 'steer'"):
+        spec("experiment=markers", "markers.conditions=[clean,steer]")
+    m = spec("experiment=markers", "markers.conditions=[clean,kv_persona]", "intervention.layers=from:18")
+    assert m.marker_layers == (18, 19, 20, 21, 22, 23)
