@@ -145,8 +145,10 @@ def clean_phase(
     for other jobs. Cells beyond what the memory cache holds are captured in their own steps."""
     size = max(capture_cells, 1)
     ahead = list(cells[: cache.memory_cells])
+    t0 = time.time()
     for i in range(0, len(ahead), size):
         capture(lm, spec, ahead[i : i + size], book=book, cache=cache, batch_cells=size)
+        log.info("clean captures: %d/%d cells (%.0f s)", min(i + size, len(ahead)), len(ahead), time.time() - t0)
 
 
 def compute_cells(
@@ -213,6 +215,7 @@ def marker_generations(
         toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
         out += [(cap, cond, cond != "bare" and get_intervention(cond).writes, tk)
                 for (cap, cond, _), tk in zip(part, toks, strict=True)]
+        log.info("generated %d/%d rows x %d tokens", len(out), len(items), max_new_tokens)
     return out
 
 
