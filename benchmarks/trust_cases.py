@@ -185,7 +185,7 @@ def immutable(ctx: Ctx, path: Path) -> str:
 
 
 def job_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
 
 
 def the_job_dir(root: Path) -> Path | None:
