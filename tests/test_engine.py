@@ -211,3 +211,22 @@ def test_non_finite_is_reported_with_model_and_dtype():
         run_rows(lm, [Row(_seqs([6])[0])], capture=True)
     with pytest.raises(FloatingPointError, match="non-finite"):
         check_finite(torch.tensor([1.0, float("inf")]), lm, "logits")
+
+
+def test_impossible_logp_at_is_refused_naming_what_was_asked():
+    """logp_at the forward cannot answer raises instead of returning no log-probs."""
+    lm = tiny_model("qwen2")
+    s = _seqs([9])[0]
+    with pytest.raises(ValueError, match=r"depth=2 of 4 blocks"):
+        run_rows(lm, [Row(s)], depth=2, logp_at=[[8]])  # the head never runs
+    run_rows(lm, [Row(s)], depth=2, capture=True, logp_at=[[]])  # asking for nothing stays possible
+    clean = run_rows(lm, [Row(s)], capture=True, keep_kv=True)[0]
+    row = Row(s[5:], prefix=clean, start=5)  # 4 new tokens: local indices 0..3
+    for bad in ([4], [-1], [0, 7]):
+        with pytest.raises(ValueError, match=r"outside its 4 new tokens \(possible: 0\.\.3\)") as e:
+            run_rows(lm, [row], logp_at=[bad])
+        assert str([j for j in bad if not 0 <= j < 4]) in str(e.value)
+    with pytest.raises(ValueError, match="index lists for 2 rows; the batch has 1"):
+        run_rows(lm, [row], logp_at=[[0], [1]])
+    out = run_rows(lm, [row], start_layer=2, logp_at=[[0, 3]])[0]
+    assert sorted(out.logp) == [5, 8]

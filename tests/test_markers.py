@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,9 +12,10 @@ import yaml
 
 import lac
 from lac.markers import check_markers, marker_hits, score
+from tests.conftest import DATA
 
 GRIDS = Path(lac.__file__).parent / "data" / "paper-grids.yaml"
-REFERENCE = Path("/work/shared/reference/embedded-qwen0.5-v17.json")
+REFERENCE = DATA / "embedded-qwen0.5-v17.json"
 MARKERS = yaml.safe_load(GRIDS.read_text())["markers"]
 
 
@@ -149,10 +151,21 @@ def test_check_markers_errors(bad, fragment):
 # --------------------------------------------------------------------------- reference
 
 
+DATA_SHA256 = {
+    "embedded-qwen0.5-v15.json": "ce8d6f9927d89a6dfa1e5e8deffd1fba9c5554f45f3b3ec2a37a9aa9686a86f6",
+    "embedded-qwen0.5-v16.json": "c9743e821082b53432677d6fec95c77cf54019e4a68481d23fa99dfce0856095",
+    "embedded-qwen0.5-v17.json": "8ce8115c54fb775805c81c1071c9798f8601bce4ad57e863baeecd455e21df26",
+}
+
+
+def test_reference_data_is_unchanged():
+    """tests/data holds the paper scripts' output byte for byte (tests/data/README.md)."""
+    for name, sha in DATA_SHA256.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == sha, name
+
+
 @pytest.fixture(scope="module")
 def reference():
-    if not REFERENCE.exists():
-        pytest.skip(f"{REFERENCE} not available")
     return json.loads(REFERENCE.read_text())
 
 

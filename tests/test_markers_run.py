@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,9 +13,11 @@ from lac.interventions import additive_vector
 from lac.markers import score
 from lac.prompts import PromptBook
 from lac.runner import compute_cells
-from tests.conftest import compose
+from tests.conftest import DATA, compose
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "embedded-qwen0.5-v17.json"
+REFERENCE = DATA / "embedded-qwen0.5-v17.json"
+pytestmark = pytest.mark.slow  # the embedded model
+
 CELLS = ("engineer__arch", "chef__plan")
 
 
