@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
+import pytest
 
 from lac import cache as cache_mod
 from lac.cache import ActivationCache
@@ -16,6 +17,7 @@ from lac.sites import REF_TOKENS
 from tests.conftest import assert_same_results, compose
 
 CTX = {"model": "qwen0.5", "model_id": "embedded", "grid": "short"}
+pytestmark = pytest.mark.slow  # every test computes on the embedded model
 
 
 def _job(qwen, layer, cache):

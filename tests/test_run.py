@@ -18,6 +18,8 @@ from lac.schema import COLUMNS
 from tests.conftest import assert_same_results
 from tests.wandb_reader import find_runs, read_run
 
+pytestmark = pytest.mark.slow  # every test runs `python -m lac.run` on the embedded model
+
 REPO = Path(__file__).resolve().parent.parent
 GRID = """baseline: {persona: a thoughtful person, task: Give advice to someone facing a difficult decision.}
 personas: {yoda: Yoda, marx: Karl Marx}

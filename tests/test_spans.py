@@ -35,6 +35,10 @@ QWEN_LIKE_REWORD = (  # rewrites only the frame: "As X" -> "Acting as X"
 )
 
 
+# every test reads the embedded model's tokenizer: embedded_path converts the model on a cold cache
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def qwen_tok():
     from transformers import AutoTokenizer
