@@ -97,3 +97,44 @@ def assert_kl_close(got: float, want: float, what: object = "", *, rtol: float =
 def assert_geometry_close(got: float, want: float, what: object = "", *, atol: float = GEOMETRY_ATOL) -> None:
     """One decomposition statistic against an independent computation of it."""
     assert abs(got - want) <= atol, f"geometry {what}: got {got:.8g}, want {want:.8g}, |diff| {abs(got - want):.3g} > {atol:g}"
+
+
+# tokenizers for the prompt and span tests (tests/test_prompts.py, tests/test_spans.py)
+
+
+@pytest.fixture(scope="module")
+def qwen_tok():
+    """The embedded Qwen2.5-Coder-0.5B-Instruct tokenizer only: no weights are loaded."""
+    from transformers import AutoTokenizer
+
+    from lac.embedded import embedded_path
+
+    return AutoTokenizer.from_pretrained(embedded_path("qwen0.5"))
+
+
+@pytest.fixture(scope="module")
+def gemma_tok(qwen_tok):
+    """Qwen's vocabulary with Gemma-2's control tokens and chat template."""
+    import copy
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                            "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    from tests.test_prompts import GEMMA2_TEMPLATE
+
+    tok.chat_template = GEMMA2_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def llama_tok(qwen_tok):
+    """Qwen's vocabulary with Llama-3's control tokens and chat template."""
+    import copy
+
+    tok = copy.deepcopy(qwen_tok)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+    from tests.test_prompts import LLAMA3_TEMPLATE
+
+    tok.chat_template = LLAMA3_TEMPLATE
+    return tok

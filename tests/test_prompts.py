@@ -43,34 +43,6 @@ LLAMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def qwen_tok():
-    """The embedded Qwen2.5-Coder-0.5B-Instruct tokenizer only: no weights are loaded."""
-    from transformers import AutoTokenizer
-
-    from lac.embedded import embedded_path
-
-    return AutoTokenizer.from_pretrained(embedded_path("qwen0.5"))
-
-
-@pytest.fixture(scope="module")
-def gemma_tok(qwen_tok):
-    """Qwen's vocabulary with Gemma-2's control tokens and chat template."""
-    tok = copy.deepcopy(qwen_tok)
-    tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-                            "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = GEMMA2_TEMPLATE
-    return tok
-
-
-@pytest.fixture(scope="module")
-def llama_tok(qwen_tok):
-    """Qwen's vocabulary with Llama-3's control tokens and chat template."""
-    tok = copy.deepcopy(qwen_tok)
-    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    tok.chat_template = LLAMA3_TEMPLATE
-    return tok
 
 
 def shipped_grid(name: str):

@@ -23,7 +23,7 @@ from lac.prompts import (
     role_text,
     user_message,
 )
-from tests.test_prompts import GEMMA2_TEMPLATE, LLAMA3_TEMPLATE, SHIPPED, old_encode, shipped_grid
+from tests.test_prompts import SHIPPED, old_encode, shipped_grid
 
 QWEN_LIKE_UPPER = (  # a template that rewrites the user content (upper-cases it)
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
@@ -39,31 +39,6 @@ QWEN_LIKE_REWORD = (  # rewrites only the frame: "As X" -> "Acting as X"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def qwen_tok():
-    from transformers import AutoTokenizer
-
-    from lac.embedded import embedded_path
-
-    return AutoTokenizer.from_pretrained(embedded_path("qwen0.5"))
-
-
-@pytest.fixture(scope="module")
-def gemma_tok(qwen_tok):
-    tok = copy.deepcopy(qwen_tok)
-    tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-                            "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = GEMMA2_TEMPLATE
-    return tok
-
-
-@pytest.fixture(scope="module")
-def llama_tok(qwen_tok):
-    tok = copy.deepcopy(qwen_tok)
-    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    tok.chat_template = LLAMA3_TEMPLATE
-    return tok
 
 
 def _with_template(tok, template):
