@@ -175,7 +175,8 @@ def plain_kl(lm, prompts, name, site, layers):
 # --------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# Gemma-2 (sliding window, softcaps) in the fast tier; Qwen2 and Llama with the slow tests (time)
+@pytest.mark.parametrize("arch", ["gemma2", *(pytest.param(a, marks=pytest.mark.slow) for a in ("qwen2", "llama"))])
 @pytest.mark.parametrize("name", NEW)
 def test_each_control_equals_its_plain_implementation(arch, name):
     lm = tiny_model(arch)
