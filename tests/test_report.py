@@ -915,3 +915,17 @@ def test_cli_wandb_offline_writes_a_run(multirun: Path, wandb_env: Path, monkeyp
     assert any(p.suffix == ".png" for p in media) and any(
         p.name.endswith(".table.json") for p in media
     )
+
+
+def test_figure_names_keep_dots_in_model_names(tmp_path):
+    """qwen0.5: the stem's '.5_...' must not be taken for a file suffix."""
+    import matplotlib.pyplot as plt
+
+    from lac.report.figures import save_figure
+
+    fig = plt.figure()
+    paths = save_figure(fig, tmp_path / "mechanism_qwen0.5_long_p_last")
+    plt.close(fig)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mechanism_qwen0.5_long_p_last.pdf",
+                                                         "mechanism_qwen0.5_long_p_last.png"]
+    assert all(p.is_file() for p in paths)

@@ -203,6 +203,6 @@ def geometry_by_layer_figure(
 def save_figure(fig: Any, stem: Path) -> list[Path]:
     """PNG and PDF of one figure."""
     return [
-        _atomic(stem.with_suffix(f".{ext}"), lambda tmp, e=ext: fig.savefig(tmp, format=e, dpi=150))
+        _atomic(stem.with_name(f"{stem.name}.{ext}"), lambda tmp, e=ext: fig.savefig(tmp, format=e, dpi=150))
         for ext in ("png", "pdf")
     ]
