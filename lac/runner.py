@@ -106,17 +106,15 @@ def _changed(cap: CellCapture) -> tuple:
 
 def _capture_plan(spec: Spec):
     """(what the captures must hold, deepest block) for the job."""
-    if spec.mode == "kl" and spec.attn_mass:  # the mass pass continues XY's trace from the span's end
-        needs = roles_needed(spec.interventions)
-        needs = replace(needs, trace_hosts=needs.trace_hosts | {"XY"}, span_hosts=needs.span_hosts | {"XY"})
-        depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
-        return needs, depth
     if spec.mode == "markers":  # generations continue each condition's clean host prompt
         needs = roles_needed([get_intervention(c) for c in spec.conditions if c != "bare"])
         trace = needs.trace_hosts | (needs.hosts - {"bare"})
         return replace(needs, trace_hosts=trace), max(spec.marker_layers) + 1
+    needs = roles_needed(spec.interventions)
+    if spec.attn_mass:  # the mass pass continues XY's trace from the span's end
+        needs = replace(needs, trace_hosts=needs.trace_hosts | {"XY"}, span_hosts=needs.span_hosts | {"XY"})
     depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
-    return roles_needed(spec.interventions), depth
+    return needs, depth
 
 
 def capture(
