@@ -18,7 +18,7 @@ import pytest
 
 import lac
 from lac import report
-from lac.schema import COLUMNS, SCHEMA_VERSION
+from lac.schema import COLUMNS, READABLE_SCHEMAS, SCHEMA_VERSION
 
 GEMMA = "google/gemma-2-2b-it"
 QWEN15 = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -598,7 +598,7 @@ def test_wrong_schema_is_refused_naming_the_version(tmp_path: Path, capsys):
     assert report.main([str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert f"schema {SCHEMA_VERSION + 1}" in err
-    assert f"reads schema {SCHEMA_VERSION} only" in err
+    assert f"reads schemas {READABLE_SCHEMAS} only" in err
     assert "lac 9.9" in err and "refused" in err
     assert not (tmp_path / "report" / "results.parquet").exists()
 
@@ -614,7 +614,7 @@ def test_missing_schema_column_is_refused(tmp_path: Path):
 
 def test_summary_schema_mismatch_is_refused(tmp_path: Path):
     d = write_job(tmp_path / "j", sweep_frame("m", OTHER, "short"), {"schema": 7})
-    with pytest.raises(report.SchemaError, match=r"schema 7.*reads schema 1"):
+    with pytest.raises(report.SchemaError, match=r"schema 7.*reads schemas \(1, 2\) only"):
         report.load_results([d])
 
 

@@ -20,6 +20,17 @@ paths, checks the tidy schema, pools the rows into one table and writes, under
                                          section holds the controls table, the attention table, the
                                          figures and what each curve would show if the paper's
                                          explanation holds
+    figures/dose_<steer|steer_host>_<factor>_<model>_<grid>_<site>.{png,pdf}
+                                         dose-response (results with steer / steer_host rows): median
+                                         KL to XY over cells against alpha, one line per layer (band
+                                         p25-p75), and the marker_any rate against alpha when markers
+                                         were generated; alpha = 0 and 1 marked. tables.md's
+                                         'Designs beyond "As X, Y"' section links them and holds the
+                                         swap table (KL to XY and to X'Y, markers of X and X') and, for
+                                         grids of k >= 3 factors, the interaction share by layer
+    dose_response.csv, swap.csv, interaction_share.csv
+                                         the numbers behind those (median, p25, p75, n), each only
+                                         when the results hold its rows
     report.json            what was read and written (also marks this dir as a report,
                            so a later run over the same root does not read it back)
 
@@ -35,7 +46,8 @@ mean something else, so a report without them would be silently partial.
 
 Modules: loading (find, read, validate, write), published (the paper's numbers), summaries
 (medians/IQRs over cells, via lac.stats), tables (display tables, markdown), figures, mechanism
-(controls table, attention table, mechanism figures and their reading),
+(controls table, attention table, mechanism figures and their reading), designs (dose-response,
+swap, interaction share),
 wandb_upload (--wandb), cli. Everything is re-exported here.
 
 Exit codes: 0 done; 2 no results under the paths (or none of them readable);
@@ -79,6 +91,22 @@ from lac.report._common import (  # noqa: I001
     percentiles,
 )
 from lac.report.cli import default_out, main, parse_args
+from lac.report.designs import (
+    DESIGNS_SECTION,
+    DOSE_INTERVENTIONS,
+    design_csvs,
+    design_tables,
+    designs_markdown,
+    dose_response_figure,
+    dose_response_figures,
+    dose_summary,
+    interaction_summary,
+    interaction_tables,
+    swap_summary,
+    swap_tables,
+    without_doses,
+    write_design_csvs,
+)
 from lac.report.figures import (
     GEOMETRY_LABELS,
     X_MODES,
@@ -240,6 +268,20 @@ __all__ = [
     "mechanism_figures",
     "curves_present",
     "mechanism_markdown",
+    "DESIGNS_SECTION",
+    "DOSE_INTERVENTIONS",
+    "design_csvs",
+    "design_tables",
+    "designs_markdown",
+    "dose_response_figure",
+    "dose_response_figures",
+    "dose_summary",
+    "interaction_summary",
+    "interaction_tables",
+    "swap_summary",
+    "swap_tables",
+    "without_doses",
+    "write_design_csvs",
     "wandb_group",
     "_tracker_config",
     "wandb_mode",

@@ -63,10 +63,13 @@ def _grid_key(grid: str) -> tuple[int, str]:
     return (GRID_ORDER.index(grid), "") if grid in GRID_ORDER else (len(GRID_ORDER), grid)
 
 
-def _host_key(intervention: str, layers: str) -> tuple[int, str, int, str]:
+def _host_key(intervention: str, layers: str) -> tuple:
+    """Paper order of host interventions, then single layers before sets, layers as numbers (2 < 10)."""
+    from lac.stats import layers_key
+
     i = HOST_ORDER.index(intervention) if intervention in HOST_ORDER else len(HOST_ORDER)
     n = len(layers.split(",")) if layers else 0
-    return (i, intervention, n, layers)
+    return (i, intervention, n, layers_key(layers))
 
 
 def _condition_key(intervention: str) -> tuple[int, str]:

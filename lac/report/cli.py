@@ -18,6 +18,12 @@ from lac.report._common import (  # noqa: I001
     REPORT_MARKER,
     RESULTS_FILE,
 )
+from lac.report.designs import (
+    DESIGNS_SECTION,
+    designs_markdown,
+    dose_response_figures,
+    write_design_csvs,
+)
 from lac.report.figures import (
     geometry_by_layer_figure,
     kl_by_layer_figure,
@@ -168,6 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         mechanism.append((name, title))
     if CONTROLS_SECTION in report.text:
         report.text[CONTROLS_SECTION] = mechanism_markdown(df, mechanism, depths)
+    doses = []
+    for name, title, fig in dose_response_figures(df):
+        paths = save_figure(fig, out / "figures" / name)
+        figures[name] = paths[0]
+        written[f"figure_{name}"] = [str(p) for p in paths]
+        doses.append((name, title))
+    if DESIGNS_SECTION in report.text:
+        report.text[DESIGNS_SECTION] = designs_markdown(df, doses)
+    csvs = write_design_csvs(df, out)
+    written |= {f"csv_{k}": str(p) for k, p in csvs.items()}
     written["tables"] = str(write_text(render_markdown(report, header), out / "tables.md"))
 
     if args.wandb:
@@ -212,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"lac.report: wrote {out}/")
     print(f"  {RESULTS_FILE}  tables.md  {REPORT_MARKER}")
+    if csvs:
+        print("  " + "  ".join(p.name for p in csvs.values()))
     for name in figures:
         print(f"  figures/{name}.png  figures/{name}.pdf")
     return EXIT_OK

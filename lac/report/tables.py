@@ -268,10 +268,18 @@ def build_tables(
     """Every table, one grid at a time (medians are never pooled across grids). `depths` (n_layers per
     (model, model_id)) tells a "from L" layer set (L..n_layers-1) for the controls table; without it
     any run of consecutive layers counts as one."""
+    from lac.report.designs import (
+        DESIGNS_SECTION,
+        design_tables,
+        designs_markdown,
+        has_doses,
+        without_doses,
+    )
     from lac.report.mechanism import attention_tables, controls_tables, mechanism_markdown
 
     paper = load_paper_tables() if paper is None else paper
-    ksum, gsum, msum = kl_summary(df), geometry_summary(df), marker_summary(df)
+    no_doses = without_doses(df)  # steer / steer_host: one row per dose, summarised in their own section
+    ksum, gsum, msum = kl_summary(no_doses), geometry_summary(df), marker_summary(no_doses)
     sections: list[tuple[str, list[Table]]] = []
     short: list[Table] = []
 
@@ -307,7 +315,7 @@ def build_tables(
         t = marker_table(msum, model, model_id, grid, paper)
         mts.append(t)
         short.append(t)
-        counts = persona_marker_counts(df, model, model_id, grid)
+        counts = persona_marker_counts(no_doses, model, model_id, grid)
         mts.append(
             Table(
                 f"Any-marker cells per persona, {model}, grid `{grid}`",
@@ -334,6 +342,10 @@ def build_tables(
     if cts:
         sections.append((CONTROLS_SECTION, cts))
         text[CONTROLS_SECTION] = mechanism_markdown(df, None, depths)
+    dts = design_tables(df)
+    if dts or has_doses(df):
+        sections.append((DESIGNS_SECTION, dts))
+        text[DESIGNS_SECTION] = designs_markdown(df, None)
     return Report(sections, short, text)
 
 
