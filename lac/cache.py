@@ -137,7 +137,7 @@ class ActivationCache:
             log.warning("activation cache entry %s is corrupt (%s): deleting it and recomputing", path, e)
             path.unlink(missing_ok=True)
             return None
-        cap = CellCapture(cell, tensors["ref"].tolist(), {})
+        cap = CellCapture(cell, tensors["ref"].tolist(), {}, full=book.grid.full)
         for name, t in tensors.items():
             kind, _, role = name.partition(".")
             if kind == "site_h":

@@ -1,11 +1,11 @@
 """Clean captures of a batch of cells: the XY reference and a trace per prompt role.
 
-Every prompt the cells need (BB, XB, BY, XY, host prompts) runs once, as one
-prefix tree (`lac.prefix`): the chat-template header and each persona's
-"As X, " are computed once for all prompts that start with them. Then
-ref = 12 greedy tokens of XY, decoded on from the XY prompt's trace (keeping
-its KV, block inputs and clean log-probs), and the other roles teacher-force
-their prompt + the same ref. Roles used only for the decomposition stop at
+Every prompt the cells need (BB, XB, BY, XY, host prompts; for a k-factor grid
+every subset of factors) runs once, as one prefix tree (`lac.prefix`): the
+chat-template header and each persona's "As X, " are computed once for all
+prompts that start with them. Then ref = 12 greedy tokens of XY (P_all),
+decoded on from its prompt's trace (keeping its KV, block inputs and clean
+log-probs), and the other roles teacher-force their prompt + the same ref. Roles used only for the decomposition stop at
 the deepest layer asked for.
 
 What decomposition and KL read (ref, block inputs at the sites, clean
@@ -39,6 +39,7 @@ class CellCapture:
     site_h: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> [len(SITES), depth, d]
     logp: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # host -> pos -> [vocab]
     traces: dict[str, Trace] = field(default_factory=dict)  # host -> prompt + ref[:11], with KV
+    full: str = "XY"  # the role of P_all (every factor at the cell's level), whose continuation is the ref
 
     def pos(self, role: str, site: str) -> int:
         p = self.prompts[role]
@@ -106,8 +107,8 @@ def capture_cells(
     book: PromptBook,
     cells: Sequence[Cell],
     *,
-    roles: Iterable[str] = ("BB", "XB", "BY", "XY"),
-    hosts: Iterable[str] = ("XY",),
+    roles: Iterable[str] | None = None,
+    hosts: Iterable[str] = (),
     trace_hosts: Iterable[str] = (),
     span_hosts: Iterable[str] = (),
     depth: int | None = None,
@@ -116,8 +117,9 @@ def capture_cells(
 ) -> list[CellCapture]:
     """Clean captures of `cells`.
 
-    roles: prompt roles whose site residuals are kept (down to `depth` blocks).
-    hosts: roles whose clean window log-probs are kept (full depth).
+    roles: prompt roles whose site residuals are kept (down to `depth` blocks); default: every
+    subset of the grid's factors (paper: BB, XB, BY, XY).
+    hosts: roles whose clean window log-probs are kept (full depth); always the full prompt.
     trace_hosts: hosts whose traces patched rows will continue.
     span_hosts: trace hosts whose block inputs are kept from the persona span's end (rows that
     re-run every post-persona position start there).
@@ -127,7 +129,10 @@ def capture_cells(
     """
     n_layers = lm.n_layers
     depth = n_layers if depth is None else depth
-    hosts = set(hosts) | {"XY"}
+    grid = getattr(book, "grid", None)  # a hand-made book (ids only) is the paper's 2x2
+    full = grid.full if grid else "XY"  # P_all, whose greedy continuation is the reference
+    roles = (grid.roles() if grid else ("BB", "XB", "BY", "XY")) if roles is None else roles
+    hosts = set(hosts) | {full}
     trace_hosts = set(trace_hosts) | set(span_hosts)
     span_hosts = set(span_hosts)
     roles = list(dict.fromkeys([*roles, *sorted(hosts)]))
@@ -138,7 +143,7 @@ def capture_cells(
     known = known or {}
     caps = []
     for c in cells:
-        cap = known.get(c.key) or CellCapture(c, [], {})
+        cap = known.get(c.key) or CellCapture(c, [], {}, full=full)
         cap.prompts.update({r: book.get(c, r) for r in roles if r not in cap.prompts})
         caps.append(cap)
 
@@ -160,17 +165,17 @@ def capture_cells(
             wants[p.ids] = wants[p.ids].merge(w) if p.ids in wants else w
     prompt_traces = prefix_traces(lm, wants) if wants else {}
 
-    # XY: the reference, decoded greedily on from the prompt's trace (KV, block inputs, log-probs)
+    # P_all (XY): the reference, decoded greedily on from the prompt's trace (KV, block inputs, log-probs)
     fresh = [c for c in caps if not c.ref]
     for chunk in _batches(fresh, batch_size):
         toks, traces = decode(
-            lm, [prompt_traces[c.prompts["XY"].ids] for c in chunk], REF_TOKENS, capture=True, keep_logp=True
+            lm, [prompt_traces[c.prompts[full].ids] for c in chunk], REF_TOKENS, capture=True, keep_logp=True
         )
         for c, t, tr in zip(chunk, toks, traces, strict=True):
             c.ref = t
-            c._keep("XY", tr, host=True, keep_trace="XY" in trace_hosts)
+            c._keep(full, tr, host=True, keep_trace=full in trace_hosts)
     decoded = {id(c) for c in fresh}
-    todo["XY"] = [c for c in todo["XY"] if id(c) not in decoded]
+    todo[full] = [c for c in todo[full] if id(c) not in decoded]
 
     for role in roles:
         host = role in hosts

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -17,8 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lac.errors import LacError
-from lac.grid import Grid, grid_from_mapping, load_grid
-from lac.interventions import INTERVENTIONS, Intervention, Job, get_intervention
+from lac.grid import Grid, grid_from_mapping, load_grid, with_partners
+from lac.interventions import INTERVENTIONS, NEEDS_ALPHA, Intervention, Job, get_intervention
 from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
 from lac.numerics import NUMERICS_VERSION
 from lac.sites import SITES, check_sites
@@ -43,6 +44,7 @@ class Spec:
     max_new_tokens: int
     conditions: tuple[str, ...]
     marker_layers: tuple[int, ...] = ()  # the layer set every changing marker condition uses
+    condition_ivs: tuple[Intervention, ...] = ()  # markers mode: the conditions, built for the grid
     attn_mass: bool = False  # attn_persona rows from the clean XY run, every layer
 
 
@@ -104,6 +106,37 @@ def load_grid_cfg(cfg: DictConfig) -> Grid:
     return grid_from_mapping(data, name=g.name, where=f"grid {g.name!r}")
 
 
+def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
+    """The job's intervention built for the grid's design (factor, alpha, swap partner), and the grid
+    (with swap partners set for swap)."""
+    name = str(icfg.get("name"))
+    factor = icfg.get("factor", "persona")
+    if not isinstance(factor, str) or factor not in grid.factor_names:
+        raise ConfigError(f"intervention.factor={factor!r}: not a factor of grid {grid.name!r}; "
+                          f"allowed: {', '.join(grid.factor_names)}")
+    alpha = icfg.get("alpha")
+    if name in NEEDS_ALPHA or alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ConfigError(f"intervention.alpha={alpha!r}: allowed: a finite number "
+                              "(1 = clean, 0 = the factor removed, 2 = doubled)")
+        if name not in NEEDS_ALPHA:
+            raise ConfigError(f"intervention.alpha is set but {name} has no dose; allowed with: {', '.join(NEEDS_ALPHA)}")
+        alpha = float(alpha)
+    if name == "swap":
+        rule = icfg.get("partner", "next")
+        rule = OmegaConf.to_container(rule) if isinstance(rule, DictConfig) else rule
+        try:
+            grid = with_partners(grid, factor, rule)
+        except LacError as e:
+            raise ConfigError(f"intervention.partner: {e}") from None
+    elif icfg.get("partner") is not None:
+        raise ConfigError(f"intervention.partner is set but {name} swaps nothing; allowed with: swap")
+    try:
+        return get_intervention(name, grid, factor, alpha), grid
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_spec(cfg: DictConfig) -> Spec:
     """Validate the composed config; raises ConfigError (or GridError) before any heavy work."""
     mode = cfg.get("mode", "kl")
@@ -135,10 +168,7 @@ def build_spec(cfg: DictConfig) -> Spec:
     layers = _layer_list(cfg.layer, m, "layer")
     _check_range(layers, n, "layer", m.name)
 
-    try:
-        iv = get_intervention(cfg.intervention.name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    iv, grid = _intervention(cfg.intervention, grid)
     if iv.attention and m.get("attn_implementation") != "eager":
         raise ConfigError(f"intervention {iv.name} edits attention, which needs eager attention; "
                           f"{m.name} is configured with {m.get('attn_implementation')!r}: set model.attn_implementation=eager")
@@ -166,6 +196,7 @@ def build_spec(cfg: DictConfig) -> Spec:
     _check_range(geometry, n, "geometry_layers", m.name)
 
     conditions = tuple(cfg.markers.conditions)
+    condition_ivs: list[Intervention] = []
     max_new = cfg.markers.max_new_tokens
     if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new <= 0:
         raise ConfigError(f"markers.max_new_tokens={max_new!r}; allowed: an integer > 0 (the paper: 80)")
@@ -184,11 +215,20 @@ def build_spec(cfg: DictConfig) -> Spec:
         if missing:
             raise ConfigError(f"grid {grid.name!r} has no markers for personas {missing}")
         for c in conditions:
-            if c not in INTERVENTIONS:
-                raise ConfigError(f"unknown marker condition {c!r}; allowed: {', '.join(INTERVENTIONS)}")
-            if INTERVENTIONS[c].attention and m.get("attn_implementation") != "eager":
+            if c == iv.name:
+                condition_ivs.append(iv)  # the job's intervention, with its factor / alpha / partner
+                continue
+            try:
+                civ = get_intervention(str(c), grid)
+            except ValueError as e:
+                raise ConfigError(f"marker condition: {e}") from None
+            if civ.attention and m.get("attn_implementation") != "eager":
                 raise ConfigError(f"marker condition {c} edits attention, which needs eager attention: "
                                   "set model.attn_implementation=eager")
+            condition_ivs.append(civ)
+        if iv.name not in conditions:  # e.g. intervention=steer experiment=markers: the dose is a condition
+            condition_ivs.append(iv)
+            conditions = (*conditions, iv.name)
         if len(layers) != 1:
             raise ConfigError(f"mode=markers patches one layer (or intervention.layers=[...] / from:L for a set); "
                               f"got layer={layers}")
@@ -197,7 +237,7 @@ def build_spec(cfg: DictConfig) -> Spec:
     return Spec(
         mode=mode, grid=grid, sites=sites, layers=tuple(layers), interventions=(iv,),
         jobs=tuple(jobs), geometry_layers=tuple(sorted(set(geometry))), n_layers=n,
-        max_new_tokens=max_new, conditions=conditions,
+        max_new_tokens=max_new, conditions=conditions, condition_ivs=tuple(condition_ivs),
         attn_mass=attn_mass,
         marker_layers=tuple(jobs[0].layers) if iv_layers is not None and jobs and jobs[0].layers else tuple(layers),
     )
@@ -253,6 +293,8 @@ def job_key(cfg: DictConfig) -> str:
     iv = data.get("intervention", {})
     if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
+    if data.get("mode") == "markers" and iv.get("name") not in data.get("markers", {}).get("conditions", []):
+        data["markers_with_intervention"] = True  # since designs: the job's intervention is a condition too
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +29,45 @@ def geometry(h_bb: torch.Tensor, h_xb: torch.Tensor, h_by: torch.Tensor, h_xy: t
         "cos_x_y": cosine(delta_x, delta_y),
         "inter_ratio": float(inter.norm() / (delta_xy.norm() + EPS)),
     }
+
+
+def main_effects(h: dict[tuple[str, ...], torch.Tensor], factors: Sequence[str]) -> dict[str, torch.Tensor]:
+    """D_f = h_{f} - h_{} for each factor; h maps a subset of factors (in factor order) to its residual."""
+    return {f: h[(f,)] - h[()] for f in factors}
+
+
+def interactions(h: dict[tuple[str, ...], torch.Tensor], factors: Sequence[str]) -> dict[tuple[str, ...], torch.Tensor]:
+    """Moebius terms I_S = sum over T in S of (-1)^{|S|-|T|} h_T for |S| >= 2, so that
+    h_all = h_{} + sum_f D_f + sum_S I_S exactly (METHOD.md, "Designs beyond")."""
+    out = {}
+    for k in range(2, len(factors) + 1):
+        for s in itertools.combinations(factors, k):
+            terms = [(-1) ** (k - j) * h[t] for j in range(k + 1) for t in itertools.combinations(s, j)]
+            out[s] = torch.stack(terms).sum(0)
+    return out
+
+
+def design_geometry(h: dict[tuple[str, ...], torch.Tensor], factors: Sequence[str]) -> list[tuple[str, str, float]]:
+    """(metric, factor subset, value) rows of the decomposition at one site and layer.
+
+    Two factors: the paper's cos_xy_sum, cos_x_y, inter_ratio (same numbers as `geometry`).
+    k >= 3: cos_all_sum = cos(h_all - h_{}, sum_f D_f); inter_ratio = |h_all - h_{} - sum_f D_f|
+    / |h_all - h_{}|; cos_pair per pair of factors ("f+g"); inter_share = |I_S| / |h_all - h_{}|
+    per subset S of >= 2 factors.
+    """
+    factors = list(factors)
+    if len(factors) == 2:
+        a, b = factors
+        return [(m, "", v) for m, v in geometry(h[()], h[(a,)], h[(b,)], h[(a, b)]).items()]
+    d = main_effects(h, factors)
+    total = h[tuple(factors)] - h[()]
+    summed = torch.stack(list(d.values())).sum(0)
+    denom = total.norm() + EPS
+    rows = [("cos_all_sum", "", cosine(total, summed)),
+            ("inter_ratio", "", float((total - summed).norm() / denom))]
+    rows += [("cos_pair", f"{f}+{g}", cosine(d[f], d[g])) for f, g in itertools.combinations(factors, 2)]
+    rows += [("inter_share", "+".join(s), float(i.norm() / denom)) for s, i in interactions(h, factors).items()]
+    return rows
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

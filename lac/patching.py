@@ -37,27 +37,36 @@ def change_row(cap: CellCapture, change: Change, end: int) -> Row:
     """The engine row of a Change: the host's tokens start..end-1 continuing its clean trace."""
     host = cap.traces[change.host]
     if change.kv_from_xy:
-        host = with_xy_kv(host, cap.traces["XY"], change.kv_from_xy)
+        host = with_xy_kv(host, cap.traces[cap.full], change.kv_from_xy)
     start = change.start
     patches = [(L, p - start, vec) for L, p, vec in change.writes]
     return Row(host.ids[start:end], prefix=host, start=start, patches=patches, knockout=list(change.knockout))
 
 
-def kl_records(
+def kl_rows(
     lm: LoadedModel, caps: Sequence[CellCapture], jobs: Sequence[Job], *, max_rows: int = 64,
-) -> list[tuple[CellCapture, Job, float]]:
-    """Causal KL of every (cell, job) against the clean XY window."""
-    out: list[tuple[CellCapture, Job, float]] = []
+) -> list[tuple[CellCapture, Job, str, float]]:
+    """Causal KL of every (cell, job) against each of its intervention's targets (metric "kl":
+    the clean XY window; swap adds "kl_partner", the clean X'Y window): (cap, job, metric, kl)."""
+    out: list[tuple[CellCapture, Job, str, float]] = []
     groups: dict[tuple, list[tuple[CellCapture, Job, Row, int]]] = defaultdict(list)
+
+    def record(cap: CellCapture, job: Job, window: torch.Tensor) -> None:
+        for metric, role in job.intervention.targets().items():
+            out.append((cap, job, metric, kl_window(_target(cap, job.site, role), window)))
+
     for job in jobs:
         iv, w0 = job.intervention, window_start(job.site)
         for cap in caps:
             hp = cap.prompts[iv.host]
             first = window_first_position(job.site, len(hp.ids))
             if not iv.writes or not job.layers:
-                out.append((cap, job, kl_window(_target(cap, job.site), _window(cap.logp[iv.host], first))))
+                record(cap, job, _window(cap.logp[iv.host], first))
                 continue
             change = iv.change(cap, job.site, job.layers)
+            if not (change.writes or change.kv_from_xy or change.knockout):  # e.g. steer at alpha 1
+                record(cap, job, _window(cap.logp[iv.host], first))
+                continue
             end = len(hp.ids) + w0 + WINDOW - 1  # last token whose logits the window reads
             row = change_row(cap, change, end)
             groups[(change.first_layer, end - change.start, first - change.start)].append((cap, job, row, first))
@@ -71,8 +80,15 @@ def kl_records(
                 logp_at=[range(offset, offset + WINDOW)] * len(chunk),
             )
             for (cap, job, _, first), t in zip(chunk, traces, strict=True):
-                out.append((cap, job, kl_window(_target(cap, job.site), _window(t.logp, first))))
+                record(cap, job, _window(t.logp, first))
     return out
+
+
+def kl_records(
+    lm: LoadedModel, caps: Sequence[CellCapture], jobs: Sequence[Job], *, max_rows: int = 64,
+) -> list[tuple[CellCapture, Job, float]]:
+    """Causal KL of every (cell, job) against the clean XY window."""
+    return [(c, j, v) for c, j, m, v in kl_rows(lm, caps, jobs, max_rows=max_rows) if m == "kl"]
 
 
 def attention_mass(
@@ -85,12 +101,12 @@ def attention_mass(
         chunk = caps[i : i + max_rows]
         rows = []
         for cap in chunk:
-            xy, (s, e) = cap.traces["XY"], cap.prompts["XY"].span
+            xy, (s, e) = cap.traces[cap.full], cap.prompts[cap.full].span
             rows.append(Row(xy.ids[e:], prefix=xy, start=e, probe=(s, e)))
         for cap, row, t in zip(chunk, rows, run_rows(lm, rows, depth=lm.n_layers), strict=True):
-            n = len(cap.prompts["XY"].ids)
+            n = len(cap.prompts[cap.full].ids)
             for site in sites:
-                q = cap.pos("XY", site) - row.start
+                q = cap.pos(cap.full, site) - row.start
                 w = window_first_position(site, n) - row.start
                 for L, mass in sorted(t.mass.items()):  # [heads, queries]
                     win = mass[:, w : w + WINDOW]
@@ -102,9 +118,9 @@ def attention_mass(
     return out
 
 
-def _target(cap: CellCapture, site: str) -> torch.Tensor:
-    """Clean XY log-probs over the site's window: the distribution every KL compares to."""
-    return _window(cap.logp["XY"], window_first_position(site, len(cap.prompts["XY"].ids)))
+def _target(cap: CellCapture, site: str, role: str) -> torch.Tensor:
+    """Clean log-probs of `role` (paper: XY) over the site's window: the distribution a KL compares to."""
+    return _window(cap.logp[role], window_first_position(site, len(cap.prompts[role].ids)))
 
 
 def _window(logp: dict[int, torch.Tensor], first: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ log = logging.getLogger("lac.results")
 def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Rows (dicts with the schema's columns, minus `schema`) as a typed DataFrame."""
     df = pd.DataFrame(list(rows), columns=[c for c in COLUMNS if c != "schema"])
+    df["factor"] = ["" if not isinstance(v, str) else v for v in df["factor"]]  # "": about the whole design
     df["schema"] = SCHEMA_VERSION
     return df.astype(COLUMNS)
 
@@ -43,14 +44,18 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     from lac.schema import ATTENTION, ATTENTION_METRICS
 
     out: dict[str, Any] = {"kl": [], "geometry": [], "markers": {}}
-    kl = df[df.metric == "kl"]
-    groups = sorted(kl.groupby(["site", "layers", "intervention"], sort=False),
-                    key=lambda t: (t[0][0], layers_key(t[0][1]), t[0][2]))  # layers as numbers: 6 < 10
-    for (site, layers, iv), g in groups:
-        out["kl"].append({"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy())})
+    for metric in ("kl", "kl_partner"):  # kl_partner: swap's KL to the partner prompt X'Y
+        kl = df[df.metric == metric]
+        if metric != "kl" and kl.empty:
+            continue
+        groups = sorted(kl.groupby(["site", "layers", "intervention"], sort=False),
+                        key=lambda t: (t[0][0], layers_key(t[0][1]), t[0][2]))  # layers as numbers: 6 < 10
+        out[metric] = [{"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy())}
+                       for (site, layers, iv), g in groups]
     geo = df[df.intervention == DECOMPOSITION]
-    for (metric, site, layer), g in geo.groupby(["metric", "site", "layer"], sort=True):
-        out["geometry"].append({"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())})
+    for (metric, factor, site, layer), g in geo.groupby(["metric", "factor", "site", "layer"], sort=True):
+        r = {"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())}
+        out["geometry"].append({**r, "factor": factor} if factor else r)
     att = df[(df.intervention == ATTENTION) & df.metric.isin(ATTENTION_METRICS)]
     if not att.empty:  # only then: summaries of jobs without attention rows keep their shape
         out["attention"] = [
@@ -76,13 +81,15 @@ def summary_keys(summary: dict[str, Any]) -> dict[str, float]:
     """Flat, stable metric names for trackers: kl/p_last/L14/additive/median, cos_xy_sum/g1/L10/median,
     attn_persona/p_last/L10/median (a layer set: kl/p_last/L10+11+12/kv_persona/median; none: kl/p_last/none/...)."""
     flat: dict[str, float] = {}
-    for r in summary.get("kl", []):
-        layers = f"L{r['layers'].replace(',', '+')}" if r["layers"] else "none"
-        for s in ("median", "p25", "p75", "min", "max"):
-            flat[f"kl/{r['site']}/{layers}/{r['intervention']}/{s}"] = r[s]
+    for metric in ("kl", "kl_partner"):
+        for r in summary.get(metric, []):
+            layers = f"L{r['layers'].replace(',', '+')}" if r["layers"] else "none"
+            for s in ("median", "p25", "p75", "min", "max"):
+                flat[f"{metric}/{r['site']}/{layers}/{r['intervention']}/{s}"] = r[s]
     for r in summary.get("geometry", []):
+        factor = f"{r['factor']}/" if r.get("factor") else ""
         for s in ("median", "p25", "p75"):
-            flat[f"{r['metric']}/{r['site']}/L{r['layer']}/{s}"] = r[s]
+            flat[f"{r['metric']}/{factor}{r['site']}/L{r['layer']}/{s}"] = r[s]
     for r in summary.get("attention", []):
         for s in ("median", "p25", "p75"):
             flat[f"{r['metric']}/{r['site']}/L{r['layer']}/{s}"] = r[s]
@@ -104,7 +111,12 @@ def format_table(summary: dict[str, Any]) -> str:
             return f"{ls[0]}..{ls[-1]}"
         return layers or "-"
 
-    geo = {(r["site"], str(r["layer"]), r["metric"]): r["median"] for r in summary.get("geometry", [])}
+    geo = {(r["site"], str(r["layer"]), r["metric"]): r["median"] for r in summary.get("geometry", [])
+           if not r.get("factor")}
+    for k, v in list(geo.items()):  # k >= 3 factors: cos(h_all - h_{}, sum D_f) in the paper's column
+        if k[2] == "cos_all_sum":
+            geo[(k[0], k[1], "cos_xy_sum")] = v
+    partner = {(r["site"], r["layers"], r["intervention"]): r for r in summary.get("kl_partner", [])}
     lines = []
     if summary.get("kl"):
         lines.append(f"{'site':<12} {'layers':<10} {'intervention':<17} {'KL median [p25, p75]':<28} "
@@ -114,6 +126,10 @@ def format_table(summary: dict[str, Any]) -> str:
             gs = " ".join(f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}" for v, w in zip(g, (14, 10, 9), strict=True))
             kl = f"{r['median']:.4f} [{r['p25']:.4f}, {r['p75']:.4f}]"
             lines.append(f"{r['site']:<12} {shown_layers(r['layers']):<10} {r['intervention']:<17} {kl:<28} {gs}")
+            p = partner.get((r["site"], r["layers"], r["intervention"]))
+            if p:
+                kl = f"{p['median']:.4f} [{p['p25']:.4f}, {p['p75']:.4f}]"
+                lines.append(f"{'':<12} {'':<10} {'  vs partner':<17} {kl:<28}")
     if summary.get("attention"):
         att = {(r["site"], r["layer"], r["metric"]): r for r in summary["attention"]}
         shown = [m for m in ATTENTION_METRICS if any(k[2] == m for k in att)]

@@ -27,12 +27,12 @@ from lac.capture import CellCapture, capture_cells
 from lac.config import ConfigError, Spec, job_key, preflight
 from lac.engine import Row, eos_ids, greedy
 from lac.grid import Cell
-from lac.interventions import get_intervention, roles_needed
+from lac.interventions import Intervention, get_intervention, roles_needed
 from lac.io import atomic_write_bytes
 from lac.markers import score
-from lac.metrics import geometry
+from lac.metrics import design_geometry
 from lac.models import LoadedModel, load_model
-from lac.patching import attention_mass, change_row, kl_records
+from lac.patching import attention_mass, change_row, kl_rows
 from lac.prefix import Want, prefix_traces
 from lac.prompts import PromptBook
 from lac.results import JobStore, format_table, frame, summarize
@@ -68,7 +68,9 @@ def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
     tok = lm.tokenizer if lm else load_tokenizer(cfg.model)
     check_grid_text(tok, spec.grid, cfg.model.name)
     book = PromptBook(tok, spec.grid)
-    roles = ("BB", "XB", "BY", "XY", "bare")
+    roles = [*spec.grid.roles(), *(["bare"] if spec.mode == "markers" and "bare" in spec.conditions else [])]
+    needs, _ = _capture_plan(spec)
+    roles += sorted(r for r in needs.roles | needs.hosts if r not in roles and r != "bare")
     prompts = [(f"{c.key} {r}", book.get(c, r)) for c in spec.grid.cells() for r in roles]
     extra = spec.max_new_tokens if spec.mode == "markers" else REF_TOKENS
     check_prompt_lengths(prompts, _max_positions(cfg.model, tok), extra, cfg.model.name)
@@ -82,7 +84,8 @@ def length_matched_texts(cfg: DictConfig, spec: Spec) -> dict[str, str]:
 
     lm = _MODEL.get(_model_key(cfg.model))
     book = PromptBook(lm.tokenizer if lm else load_tokenizer(cfg.model), spec.grid)
-    return {c.key: book.ly_text(c) for c in spec.grid.cells()}
+    hosts = {iv.host for iv in (*spec.interventions, *spec.condition_ivs) if "L" in iv.host}
+    return {c.key: book.ly_text(c, h) for c in spec.grid.cells() for h in sorted(hosts)}
 
 
 def _max_positions(mcfg: DictConfig, tok) -> int:
@@ -92,12 +95,20 @@ def _max_positions(mcfg: DictConfig, tok) -> int:
     return int(found.get("max_position_embeddings") or getattr(tok, "model_max_length", 0) or 1 << 30)
 
 
-def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric: str, value: float, ctx: dict) -> dict:
+def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric: str, value: float, ctx: dict,
+         *, factor: str = "", alpha: float | None = None) -> dict:
     return {
         **ctx, "cell": cell.key, "persona": cell.persona, "task": cell.task, "site": site,
         "layer": max(layers) if layers else -1, "layers": ",".join(map(str, layers)),
         "intervention": intervention, "metric": metric, "value": float(value),
+        "factor": factor, "alpha": float("nan") if alpha is None else float(alpha),
     }
+
+
+def _about(iv: Intervention) -> dict:
+    """The factor column (and alpha) of an intervention's rows: "" for those about the whole design."""
+    whole = iv.name in ("clean", "additive", "bare")
+    return {"factor": "" if whole else iv.factor, "alpha": iv.alpha}
 
 
 def _changed(cap: CellCapture) -> tuple:
@@ -107,12 +118,13 @@ def _changed(cap: CellCapture) -> tuple:
 def _capture_plan(spec: Spec):
     """(what the captures must hold, deepest block) for the job."""
     if spec.mode == "markers":  # generations continue each condition's clean host prompt
-        needs = roles_needed([get_intervention(c) for c in spec.conditions if c != "bare"])
+        needs = roles_needed([iv for iv in spec.condition_ivs if iv.name != "bare"], spec.grid)
         trace = needs.trace_hosts | (needs.hosts - {"bare"})
         return replace(needs, trace_hosts=trace), max(spec.marker_layers) + 1
-    needs = roles_needed(spec.interventions)
+    needs = roles_needed(spec.interventions, spec.grid)
     if spec.attn_mass:  # the mass pass continues XY's trace from the span's end
-        needs = replace(needs, trace_hosts=needs.trace_hosts | {"XY"}, span_hosts=needs.span_hosts | {"XY"})
+        full = spec.grid.full
+        needs = replace(needs, trace_hosts=needs.trace_hosts | {full}, span_hosts=needs.span_hosts | {full})
     depth = max([*spec.geometry_layers, *(L for j in spec.jobs for L in j.layers)]) + 1
     return needs, depth
 
@@ -141,12 +153,16 @@ def clean_phase(
     """Captures of a job's cells in large batches (one prefix tree and one XY decode per
     `capture_cells` cells), before the patched steps: kept in memory for those steps, on disk
     for other jobs. Cells beyond what the memory cache holds are captured in their own steps."""
+    from lac.tracking import phase_progress
+
     size = max(capture_cells, 1)
     ahead = list(cells[: cache.memory_cells])
     t0 = time.time()
-    for i in range(0, len(ahead), size):
-        capture(lm, spec, ahead[i : i + size], book=book, cache=cache, batch_cells=size)
-        log.info("clean captures: %d/%d cells (%.0f s)", min(i + size, len(ahead)), len(ahead), time.time() - t0)
+    with phase_progress("clean captures", len(ahead), "cell") as advance:
+        for i in range(0, len(ahead), size):
+            capture(lm, spec, ahead[i : i + size], book=book, cache=cache, batch_cells=size)
+            advance(len(ahead[i : i + size]))
+            log.info("clean captures: %d/%d cells (%.0f s)", min(i + size, len(ahead)), len(ahead), time.time() - t0)
 
 
 def compute_cells(
@@ -159,17 +175,20 @@ def compute_cells(
     if spec.mode == "markers":
         gens = _markers(lm, spec, caps, book, ctx, rows, batch_cells)
         return rows, gens
+    grid = spec.grid
     for cap in caps:
         for site in spec.sites:
             for L in spec.geometry_layers:
-                g = geometry(*(cap.h(r, site, L) for r in ("BB", "XB", "BY", "XY")))
-                rows += [_row(cap.cell, site, [L], DECOMPOSITION, m, v, ctx) for m, v in g.items()]
-    for cap, job, kl in kl_records(lm, caps, spec.jobs, max_rows=max_rows):
+                h = {s: cap.h(grid.role(s), site, L) for s in grid.subsets()}
+                rows += [_row(cap.cell, site, [L], DECOMPOSITION, m, v, ctx, factor=f)
+                         for m, f, v in design_geometry(h, grid.factor_names)]
+    for cap, job, metric, kl in kl_rows(lm, caps, spec.jobs, max_rows=max_rows):
         if kl != kl or kl in (float("inf"), float("-inf")):
             raise FloatingPointError(
                 f"non-finite KL for {lm.name} ({lm.dtype}) cell {cap.cell.key}, site {job.site}, layers {job.layers}"
             )
-        rows.append(_row(cap.cell, job.site, job.layers, job.intervention.name, "kl", kl, ctx))
+        iv = job.intervention
+        rows.append(_row(cap.cell, job.site, job.layers, iv.name, metric, kl, ctx, **_about(iv)))
     if spec.attn_mass:
         for cap, site, L, values in attention_mass(lm, caps, spec.sites, max_rows=max_rows):
             rows += [_row(cap.cell, site, [L], ATTENTION, m, v, ctx) for m, v in values.items()]
@@ -177,8 +196,8 @@ def compute_cells(
 
 
 def marker_generations(
-    lm: LoadedModel, caps: Sequence[CellCapture], conditions: Sequence[str], layers: int | Sequence[int], *,
-    book: PromptBook, max_new_tokens: int, batch_rows: int,
+    lm: LoadedModel, caps: Sequence[CellCapture], conditions: Sequence[str | Intervention],
+    layers: int | Sequence[int], *, book: PromptBook, max_new_tokens: int, batch_rows: int,
 ) -> list[tuple[CellCapture, str, bool, list[int]]]:
     """Greedy generations of each cell under each condition: (cap, condition, changed, tokens).
 
@@ -189,6 +208,9 @@ def marker_generations(
     makes the prompt pass that one token.
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
+    ivs = {(c if isinstance(c, str) else c.name): (get_intervention(c, getattr(book, "grid", None)) if isinstance(c, str) else c)
+           for c in conditions}
+    conditions = list(ivs)
     bare = {}
     if "bare" in conditions:
         ids = {book.get(c.cell, "bare").ids for c in caps}
@@ -200,20 +222,24 @@ def marker_generations(
                 p = book.get(cap.cell, "bare").ids
                 items.append((cap, cond, Row([p[-1]], prefix=bare[p[:-1]], start=len(p) - 1)))
                 continue
-            iv = get_intervention(cond)
+            iv = ivs[cond]
             p = cap.prompts[iv.host].ids
             if iv.writes:
                 items.append((cap, cond, change_row(cap, iv.change(cap, "p_last", layers), len(p))))
             else:
                 items.append((cap, cond, Row([p[-1]], prefix=cap.traces[iv.host], start=len(p) - 1)))
+    from lac.tracking import phase_progress
+
     out = []
     step = max(batch_rows, 1)
-    for i in range(0, len(items), step):
-        part = items[i : i + step]
-        toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
-        out += [(cap, cond, cond != "bare" and get_intervention(cond).writes, tk)
-                for (cap, cond, _), tk in zip(part, toks, strict=True)]
-        log.info("generated %d/%d rows x %d tokens", len(out), len(items), max_new_tokens)
+    with phase_progress("generation", len(items) * max_new_tokens, "tok") as advance:
+        for i in range(0, len(items), step):
+            part = items[i : i + step]
+            toks, _ = greedy(lm, [r for *_, r in part], max_new_tokens)
+            out += [(cap, cond, cond != "bare" and ivs[cond].writes, tk)
+                    for (cap, cond, _), tk in zip(part, toks, strict=True)]
+            advance(len(part) * max_new_tokens)
+            log.info("generated %d/%d rows x %d tokens", len(out), len(items), max_new_tokens)
     return out
 
 
@@ -223,15 +249,21 @@ def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
     gens = []
     eos = eos_ids(lm)
     batch_rows = max(batch_cells * len(spec.conditions), 1)
+    ivs = {iv.name: iv for iv in spec.condition_ivs}
     for cap, cond, patched, tk in marker_generations(
-        lm, caps, spec.conditions, layers, book=book, max_new_tokens=spec.max_new_tokens, batch_rows=batch_rows
+        lm, caps, spec.condition_ivs, layers, book=book, max_new_tokens=spec.max_new_tokens, batch_rows=batch_rows
     ):
         cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
         text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
         s = score(text, spec.grid.markers[cap.cell.persona])
+        if ivs[cond].name == "swap" and ivs[cond].factor == "persona":  # the partner persona's markers too (METHOD: markers of X and X')
+            partner = spec.grid.partners["persona"][cap.cell.persona]
+            s |= {f"{k}_partner": v for k, v in score(text, spec.grid.markers[partner]).items()}
         used = layers if patched else []
-        rows.append(_row(cap.cell, "p_last", used, cond, "marker_any", s["marker_any"], ctx))
-        rows.append(_row(cap.cell, "p_last", used, cond, "marker_distinct", s["marker_distinct"], ctx))
+        about = _about(ivs[cond])
+        for metric in ("marker_any", "marker_distinct", "marker_any_partner", "marker_distinct_partner"):
+            if metric in s:
+                rows.append(_row(cap.cell, "p_last", used, cond, metric, s[metric], ctx, **about))
         gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
                      "condition": cond, "layer": max(used) if used else -1, "tokens": tk, "text": text, **s})
     return gens
@@ -343,8 +375,8 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
         **provenance(), "schema": SCHEMA_VERSION, "key": key,
         "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
     }
-    changed = [*spec.interventions, *(get_intervention(c) for c in spec.conditions if spec.mode == "markers")]
-    if any(iv.host == "LY" for iv in changed):
+    changed = [*spec.interventions, *(spec.condition_ivs if spec.mode == "markers" else ())]
+    if any("L" in iv.host for iv in changed):
         summary["length_matched"] = length_matched_texts(cfg, spec)
     store.finish(df, summary, gens)
     return summary, df, gens

@@ -6,7 +6,8 @@ the runner, the tracker and the report cannot drift apart.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added `factor` and `alpha` (designs beyond "As X, Y"); schema-1 files read with "" / NaN
+READABLE_SCHEMAS = (1, 2)
 
 # column -> pandas dtype
 COLUMNS: dict[str, str] = {
@@ -20,12 +21,16 @@ COLUMNS: dict[str, str] = {
     "layer": "int64",  # the layer (deepest layer of a multi-layer set; -1: no vector written)
     "layers": "string",  # "14" or "10,12,14"; "" when no vector is written
     "intervention": "string",  # additive | remove_x | ... | "decomposition" for geometry rows
-    "metric": "string",  # kl | cos_xy_sum | cos_x_y | inter_ratio | marker_any | marker_distinct | attn_persona...
+    "metric": "string",  # kl | kl_partner | cos_xy_sum | cos_x_y | inter_ratio | cos_all_sum | cos_pair | inter_share
+    #                      | marker_any | marker_distinct | marker_any_partner | attn_persona...
     "value": "float64",
+    "factor": "string",  # the factor or subset ("persona+format") a row is about; "" for the whole design
+    "alpha": "float64",  # steer / steer_host dose; NaN for every other intervention
     "schema": "int64",  # SCHEMA_VERSION
 }
 
-GEOMETRY_METRICS = ("cos_xy_sum", "cos_x_y", "inter_ratio")
+GEOMETRY_METRICS = ("cos_xy_sum", "cos_x_y", "inter_ratio")  # 2 factors (the paper)
+DESIGN_METRICS = ("cos_all_sum", "inter_ratio", "cos_pair", "inter_share")  # k >= 3 factors
 MARKER_METRICS = ("marker_any", "marker_distinct")
 DECOMPOSITION = "decomposition"
 # attention mass on the persona span in the clean XY run (schema 1 rows, intervention = "attention"):

@@ -91,13 +91,14 @@ steps' progress bar (cells done), :func:`timing_line` the job's last line on whe
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import logging
 import netrc
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -448,11 +449,11 @@ def history_rows(summary: Mapping[str, Any], n_layers: int | None = None) -> lis
             r["layer_frac"] = int(layer) / int(n_layers)
         return r
 
-    kl = summary.get("kl", [])
-    with_from = {(r["site"], r["intervention"]) for r in kl if from_layer(r.get("layers"), n_layers) is not None}
-    for r in kl:
+    kl = [("kl", r) for r in summary.get("kl", [])] + [("kl_partner", r) for r in summary.get("kl_partner", [])]
+    with_from = {(r["site"], r["intervention"]) for _, r in kl if from_layer(r.get("layers"), n_layers) is not None}
+    for metric, r in kl:
         layers = str(r.get("layers") or "")
-        base = f"{HISTORY_PREFIX}/kl/{r['site']}/{r['intervention']}"
+        base = f"{HISTORY_PREFIX}/{metric}/{r['site']}/{r['intervention']}"
         start = from_layer(layers, n_layers)
         if start is not None:
             row(start).update({f"{base}{FROM_SUFFIX}/{s}": r[s] for s in _STATS_GEO})
@@ -463,7 +464,8 @@ def history_rows(summary: Mapping[str, Any], n_layers: int | None = None) -> lis
         if n_layers and int(layers) == int(n_layers) - 1 and (r["site"], r["intervention"]) in with_from:
             row(int(layers)).update({f"{base}{FROM_SUFFIX}/{s}": r[s] for s in _STATS_GEO})  # from n-1 = at n-1
     for r in (*summary.get("geometry", []), *summary.get("attention", [])):
-        base = f"{HISTORY_PREFIX}/{r['metric']}/{r['site']}"
+        factor = f"{r['factor']}/" if r.get("factor") else ""  # k-factor grids: cos_pair/persona+task/...
+        base = f"{HISTORY_PREFIX}/{r['metric']}/{factor}{r['site']}"
         row(int(r["layer"])).update({f"{base}/{s}": r[s] for s in _STATS_GEO})
     return [rows[k] for k in sorted(rows)]
 
@@ -543,17 +545,40 @@ def _quiet_lightning() -> None:
             lg.setLevel(logging.WARNING)
 
 
+def _progress_enabled() -> bool:
+    import sys
+
+    env = os.environ.get("LAC_PROGRESS", "").strip().lower()
+    return env in ("1", "true", "yes") or (env not in ("0", "false", "no") and sys.stderr.isatty())
+
+
+_PHASES: dict[str, float] = {}  # seconds of this process's last clean-capture and generation phases
+
+
+@contextlib.contextmanager
+def phase_progress(phase: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+    """Progress of a phase outside Lightning's predict loop (clean captures, generation): a tqdm bar
+    on a terminal or with LAC_PROGRESS=1 (lac's log lines otherwise), and its time for timing_line.
+    Yields `advance(n)`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=phase, unit=unit, leave=False, disable=not _progress_enabled(), dynamic_ncols=True)
+    t0 = time.monotonic()
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+        _PHASES[phase] = _PHASES.get(phase, 0.0) + time.monotonic() - t0
+
+
 def progress_callback(total_cells: int, enabled: bool | None = None) -> Any:
     """Lightning callback for the patched steps: a progress bar in cells (Lightning's TQDM bar,
     on a terminal or with LAC_PROGRESS=1; LAC_PROGRESS=0 turns it off) and the loop's time for
     :func:`timing_line`."""
-    import sys
-
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    env = os.environ.get("LAC_PROGRESS", "").strip().lower()
     if enabled is None:
-        enabled = env in ("1", "true", "yes") or (env not in ("0", "false", "no") and sys.stderr.isatty())
+        enabled = _progress_enabled()
 
     class CellProgress(TQDMProgressBar):
         """Lightning's bar, counting cells (cells captured and patched per step) instead of batches."""
@@ -608,15 +633,19 @@ def trainer_options(total_cells: int) -> dict[str, Any]:
 
 def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
     """The job's last line on where time went (patched steps timed by :func:`progress_callback`)."""
-    done = dict(_PREDICT)
+    done, phases = dict(_PREDICT), dict(_PHASES)
     _PREDICT.clear()
+    _PHASES.clear()
     if compute_seconds is None or "seconds" not in done:
         return f"time: results reused (nothing computed), W&B {tracking_seconds:.1f} s"
     steps = done["seconds"]
-    rest = max(float(compute_seconds) - steps, 0.0)
-    return (f"time: {float(compute_seconds) + tracking_seconds:.1f} s = model load and clean captures "
-            f"{rest:.1f} s + patched steps {steps:.1f} s ({int(done.get('cells', 0))} cells, "
-            f"{int(done.get('rows', 0))} rows) + W&B {tracking_seconds:.1f} s")
+    clean = phases.get("clean captures", 0.0)
+    rest = max(float(compute_seconds) - steps - clean, 0.0)
+    gen = phases.get("generation")
+    inside = f", generation {gen:.1f} s" if gen else ""
+    return (f"time: {float(compute_seconds) + tracking_seconds:.1f} s = model load and set-up {rest:.1f} s "
+            f"+ clean captures {clean:.1f} s + patched steps {steps:.1f} s ({int(done.get('cells', 0))} cells, "
+            f"{int(done.get('rows', 0))} rows{inside}) + W&B {tracking_seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------- trackers

@@ -17,7 +17,7 @@ def spec(*ov):
 
 
 @pytest.mark.parametrize("group,bad", [("model", "llama9"), ("grid", "huge"), ("site", "p_first"),
-                                       ("intervention", "swap"), ("tracker", "mlflow")])
+                                       ("intervention", "swapp"), ("tracker", "mlflow")])
 def test_unknown_group_option_lists_the_allowed(group, bad):
     with pytest.raises(ConfigCompositionException) as e:
         compose([f"{group}={bad}"])
@@ -214,7 +214,7 @@ def test_controls_bad_input():
     assert [j.layers for j in s.jobs] == [(20, 21, 22, 23)]
     s = spec("intervention=knockout_persona_from", "layer=[10,22]", "site=p_last")
     assert [j.layers for j in s.jobs] == [tuple(range(10, 24)), (22, 23)]
-    with pytest.raises(ConfigError, match="unknown marker condition 'steer'"):
-        spec("experiment=markers", "markers.conditions=[clean,steer]")
+    with pytest.raises(ConfigError, match="marker condition: unknown intervention 'steerz'; allowed: clean"):
+        spec("experiment=markers", "markers.conditions=[clean,steerz]")
     m = spec("experiment=markers", "markers.conditions=[clean,kv_persona]", "intervention.layers=from:18")
     assert m.marker_layers == (18, 19, 20, 21, 22, 23)

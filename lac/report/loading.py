@@ -21,7 +21,7 @@ from lac.report._common import (
     SUMMARY_FILE,
     _norm_layers,
 )
-from lac.schema import COLUMNS, SCHEMA_VERSION
+from lac.schema import COLUMNS, READABLE_SCHEMAS, SCHEMA_VERSION
 
 
 class SchemaError(ValueError):
@@ -136,10 +136,10 @@ def load_results(
         written_by = (
             f" (written by lac {summary['lac_version']})" if "lac_version" in summary else ""
         )
-        if "schema" in summary and summary["schema"] != SCHEMA_VERSION:
+        if "schema" in summary and summary["schema"] not in READABLE_SCHEMAS:
             raise SchemaError(
                 f"{Path(d) / SUMMARY_FILE}: schema {summary['schema']!r}{written_by}; "
-                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+                f"this lac {lac.__version__} reads schemas {READABLE_SCHEMAS} only"
             )
         try:
             df = pd.read_parquet(f)
@@ -158,15 +158,17 @@ def load_results(
         if "schema" not in df.columns:
             raise SchemaError(
                 f"{f}: no 'schema' column{written_by}; "
-                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+                f"this lac {lac.__version__} reads schemas {READABLE_SCHEMAS} only"
             )
         col = df["schema"]
-        if col.isna().any() or (col.dropna() != SCHEMA_VERSION).any():
+        if col.isna().any() or (~col.dropna().isin(READABLE_SCHEMAS)).any():
             shown = ", ".join(str(v) for v in sorted(set(col.dropna().tolist()))) or "missing"
             raise SchemaError(
                 f"{f}: schema {shown}{written_by}; "
-                f"this lac {lac.__version__} reads schema {SCHEMA_VERSION} only"
+                f"this lac {lac.__version__} reads schemas {READABLE_SCHEMAS} only"
             )
+        if (col == 1).all():  # schema 1 had no factor / alpha: every row is about the whole 2x2
+            df = df.assign(factor="", alpha=float("nan"), schema=SCHEMA_VERSION)
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
             raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
