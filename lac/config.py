@@ -293,6 +293,8 @@ def job_key(cfg: DictConfig) -> str:
     iv = data.get("intervention", {})
     if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
+    if iv.get("factor") == "persona":
+        iv.pop("factor")  # the default: keys of jobs from before designs stay valid
     if data.get("mode") == "markers" and iv.get("name") not in data.get("markers", {}).get("conditions", []):
         data["markers_with_intervention"] = True  # since designs: the job's intervention is a condition too
     blob = json.dumps(data, sort_keys=True, default=str)

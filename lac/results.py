@@ -50,8 +50,8 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
             continue
         groups = sorted(kl.groupby(["site", "layers", "intervention"], sort=False),
                         key=lambda t: (t[0][0], layers_key(t[0][1]), t[0][2]))  # layers as numbers: 6 < 10
-        out[metric] = [{"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy())}
-                       for (site, layers, iv), g in groups]
+        out[metric] = [{"site": site, "layers": layers, "intervention": iv, **cell_stats(g.value.to_numpy()),
+                        **_dose(g)} for (site, layers, iv), g in groups]
     geo = df[df.intervention == DECOMPOSITION]
     for (metric, factor, site, layer), g in geo.groupby(["metric", "factor", "site", "layer"], sort=True):
         r = {"metric": metric, "site": site, "layer": int(layer), **cell_stats(g.value.to_numpy())}
@@ -75,6 +75,12 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
             "per_persona": {p: int(v) for p, v in any_.groupby("persona").value.sum().items()},
         }
     return out
+
+
+def _dose(rows: pd.DataFrame) -> dict[str, float]:
+    """{"alpha": a} for the rows of a steer / steer_host job (one dose per job), else {}."""
+    alphas = rows["alpha"].dropna().unique() if "alpha" in rows else []
+    return {"alpha": float(alphas[0])} if len(alphas) == 1 else {}
 
 
 def summary_keys(summary: dict[str, Any]) -> dict[str, float]:
@@ -125,7 +131,8 @@ def format_table(summary: dict[str, Any]) -> str:
             g = [geo.get((r["site"], r["layers"], m)) for m in ("cos_xy_sum", "cos_x_y", "inter_ratio")]
             gs = " ".join(f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}" for v, w in zip(g, (14, 10, 9), strict=True))
             kl = f"{r['median']:.4f} [{r['p25']:.4f}, {r['p75']:.4f}]"
-            lines.append(f"{r['site']:<12} {shown_layers(r['layers']):<10} {r['intervention']:<17} {kl:<28} {gs}")
+            name = f"{r['intervention']} a={r['alpha']:g}" if "alpha" in r else r["intervention"]
+            lines.append(f"{r['site']:<12} {shown_layers(r['layers']):<10} {name:<17} {kl:<28} {gs}")
             p = partner.get((r["site"], r["layers"], r["intervention"]))
             if p:
                 kl = f"{p['median']:.4f} [{p['p25']:.4f}, {p['p75']:.4f}]"

@@ -367,3 +367,33 @@ def test_encode_chat_spans_locate_every_slot(qwen_tok):
     p = encode_chat(qwen_tok, msgs, slots)
     assert qwen_tok.decode(list(p.ids[slice(*p.slot_span("task"))])).strip() == "Write a haiku."
     assert p.spans[0][0] == "persona" and p.span == p.slot_span("persona")
+
+
+def test_controls_take_any_factor(qwen_tok):
+    """knockout / kv / span controls act on `intervention.factor`'s span (default persona)."""
+    from lac.capture import CellCapture
+    from lac.config import build_spec
+    from tests.conftest import compose
+
+    spec = build_spec(compose(["intervention=knockout_persona", "intervention.factor=task",
+                               "model.attn_implementation=eager", "site=p_last", "layer=3"]))
+    iv = spec.interventions[0]
+    assert iv.factor == "task" and iv.host == "XY"
+    grid = spec.grid
+    book = PromptBook(qwen_tok, grid)
+    cell = grid.cells()[0]
+    cap = CellCapture(cell, [], {r: book.get(cell, r) for r in ("XY", "XL", "LY")})
+    ts, te = cap.prompts["XY"].slot_span("task")
+    assert cap.prompts["XY"].slot_span("persona")[1] < ts  # the task's span, not the persona's
+    change = iv.change(cap, "p_last", (3, 4))
+    assert change.knockout == [(3, ts, te), (4, ts, te)] and change.start == te
+    kv = get_intervention("kv_persona", grid, factor="task")
+    assert kv.host == "XL"  # the task length-matched: XY with the task's span replaced
+    assert len(cap.prompts["XL"].ids) == len(cap.prompts["XY"].ids)
+    assert cap.prompts["XL"].ids[:ts] == cap.prompts["XY"].ids[:ts] != cap.prompts["LY"].ids[:ts]
+    assert kv.change(cap, "p_last", (2,)).kv_from_xy == [(2, ts, te)]
+    from lac.config import job_key
+
+    plain = compose(["intervention=knockout_persona", "model.attn_implementation=eager"])
+    explicit = compose(["intervention=knockout_persona", "intervention.factor=persona", "model.attn_implementation=eager"])
+    assert job_key(plain) == job_key(explicit)  # the default factor leaves job keys as before designs
