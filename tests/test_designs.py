@@ -397,3 +397,25 @@ def test_controls_take_any_factor(qwen_tok):
     plain = compose(["intervention=knockout_persona", "model.attn_implementation=eager"])
     explicit = compose(["intervention=knockout_persona", "intervention.factor=persona", "model.attn_implementation=eager"])
     assert job_key(plain) == job_key(explicit)  # the default factor leaves job keys as before designs
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])
+def test_marker_generations_under_steer_and_swap(arch):
+    from lac.runner import marker_generations
+
+    lm = tiny_model(arch)
+    grid = with_partners(design(2), "persona", "same")
+    iv = lambda name, **kw: get_intervention(name, grid, **kw)  # noqa: E731
+    conds = [iv("clean"), iv("steer", alpha=1.0), iv("swap"), iv("remove_x"), iv("steer", alpha=0.0),
+             iv("steer", alpha=25.0)]
+    for i, name in ((1, "steer1"), (4, "steer0"), (5, "steer25")):  # in one call, doses need their own names
+        conds[i].name = name
+    caps = captured(lm, grid, conds)
+    gens = marker_generations(lm, caps, conds, [3], book=Book(grid), max_new_tokens=8, batch_rows=5)
+    toks = {(cap.cell.key, cond): tk for cap, cond, _, tk in gens}
+    assert len(toks) == len(cells(grid)) * len(conds)
+    for c in cells(grid):
+        assert toks[(c.key, "steer1")] == toks[(c.key, "clean")]  # alpha 1: clean
+        assert toks[(c.key, "swap")] == toks[(c.key, "clean")]  # X' = X: clean
+        assert toks[(c.key, "steer0")] == toks[(c.key, "remove_x")]  # alpha 0: remove_x
+    assert any(toks[(c.key, "steer25")] != toks[(c.key, "clean")] for c in cells(grid))  # a real dose changes text
