@@ -343,9 +343,10 @@ def lac_phases(meter):
 
 
 def reset_lac() -> None:
-    from lac import cache, engine
+    from lac import cache, engine, runner
 
     cache._MEMORY.clear()
+    runner.CAPTURE_DEPTH.clear()
     for k in engine.COUNTS:
         engine.COUNTS[k] = 0
 
@@ -553,11 +554,16 @@ def bench_multirun(lm, base, args, meter) -> dict:
 
     print("[multirun] (ii) ten jobs layer=4..13, in-memory activation cache ...", flush=True)
     reset_lac()
+    from lac.runner import plan_sweep_depth
+
+    specs = {L: build_spec(compose([*base, *site, f"layer={L}"])) for L in MULTIRUN_LAYERS}
+    for spec in specs.values():  # what lac's multirun callback does before the first job
+        plan_sweep_depth(lm.name, spec)
     jobs, kl_multi = [], {}
     total = {}
     with meter.span(total):
         for L in MULTIRUN_LAYERS:
-            spec = build_spec(compose([*base, *site, f"layer={L}"]))
+            spec = specs[L]
             # the runner makes one ActivationCache per job; the in-memory level is process-wide
             cache = ActivationCache(lm, spec.grid, disk=False)
             r = run_lac(lm, spec, cells, meter, args, cache=cache)

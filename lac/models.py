@@ -118,8 +118,9 @@ def load_tokenizer(cfg):
     return AutoTokenizer.from_pretrained(model_source(cfg))
 
 
-def load_model(cfg) -> LoadedModel:
-    """Load a model config (conf/model/*.yaml) in eval mode on its device and dtype."""
+def load_model(cfg, tokenizer=None) -> LoadedModel:
+    """Load a model config (conf/model/*.yaml) in eval mode on its device and dtype (`tokenizer`: one
+    already loaded from the same source, e.g. for the checks before the weights)."""
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype)
@@ -131,7 +132,7 @@ def load_model(cfg) -> LoadedModel:
             cfg.name, cfg.dtype,
         )
     src = model_source(cfg)
-    tok = load_tokenizer(cfg)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=dtype, attn_implementation=cfg.attn_implementation
     )

@@ -60,13 +60,15 @@ class LacCallback(Callback):
         from hydra.core.global_hydra import GlobalHydra
 
         from lac.config import preflight
+        from lac.runner import plan_sweep_depth
 
         loader = GlobalHydra.instance().config_loader()
         jobs = job_overrides(config)
         bad = []
         for num, overrides in enumerate(jobs):
             try:
-                preflight(loader.load_sweep_config(master_config=config, sweep_overrides=overrides))
+                cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
+                plan_sweep_depth(cfg.model.name, preflight(cfg))
             except LacError as e:
                 bad.append(f"lac: job {num} ({' '.join(overrides)}): {e}")
         if bad:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,12 @@ def _model_key(mcfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(mcfg, resolve=True), sort_keys=True)
 
 
-def get_model(mcfg: DictConfig) -> LoadedModel:
+def get_model(mcfg: DictConfig, tokenizer=None) -> LoadedModel:
     key = _model_key(mcfg)
     if key not in _MODEL:
         _MODEL.clear()
         t0 = time.time()
-        _MODEL[key] = load_model(mcfg)
+        _MODEL[key] = load_model(mcfg, tokenizer)
         log.info("loaded %s (%s, %s) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype, time.time() - t0)
     return _MODEL[key]
 
@@ -75,7 +76,7 @@ def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
     extra = spec.max_new_tokens if spec.mode == "markers" else REF_TOKENS
     check_prompt_lengths(prompts, _max_positions(cfg.model, tok), extra, cfg.model.name)
     check_budget(cfg, spec, [p for _, p in prompts], extra, loaded=lm is not None)
-    return lm or get_model(cfg.model)
+    return lm or get_model(cfg.model, tok)
 
 
 def length_matched_texts(cfg: DictConfig, spec: Spec) -> dict[str, str]:
@@ -129,12 +130,25 @@ def _capture_plan(spec: Spec):
     return needs, depth
 
 
+# Deepest block any job of this process's multirun will need per (model, grid), set by the multirun
+# callback before the first job: the first job captures that deep once, later jobs of `-m
+# layer=range(4,14)` find every layer in the memory cache instead of capturing one layer deeper each.
+CAPTURE_DEPTH: dict[tuple[str, str], int] = {}
+
+
+def plan_sweep_depth(model_name: str, spec: Spec) -> None:
+    """Record a multirun job's capture depth (lac.multirun calls this for every job before the first)."""
+    key = (model_name, spec.grid.content_hash())
+    CAPTURE_DEPTH[key] = max(CAPTURE_DEPTH.get(key, 0), _capture_plan(spec)[1])
+
+
 def capture(
     lm: LoadedModel, spec: Spec, cells: Sequence[Cell], *, book: PromptBook,
     cache: ActivationCache | None, batch_cells: int,
 ) -> list[CellCapture]:
     """Clean captures of `cells`: from the activation cache where it has them, else computed and stored."""
     needs, depth = _capture_plan(spec)
+    depth = min(max(depth, CAPTURE_DEPTH.get((lm.name, spec.grid.content_hash()), 0)), lm.n_layers)
     known = cache.get(list(cells), book) if cache else {}
     before = {k: _changed(c) for k, c in known.items()}
     caps = capture_cells(
@@ -382,7 +396,32 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     return summary, df, gens
 
 
-def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str, config: dict) -> None:
+def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str,
+                    config: dict) -> Future | None:
+    """Begin the job's W&B run (import, init) in a background thread while the job computes: off the
+    critical path. Its results are logged only once they are safe on disk (`_track`)."""
+    if cfg.tracker.get("name") == "none" or store.tracked(run_id):
+        return None
+    from lac.tracking import start_tracker
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lac-wandb")
+    pending = pool.submit(start_tracker, cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+    pool.shutdown(wait=False)
+    return pending
+
+
+def _abandon_tracking(pending: Future | None) -> None:
+    """A job that failed: its early-started W&B run ends marked failed (exit code 1), never left open."""
+    if pending is None:
+        return
+    try:
+        pending.result().finish(exit_code=1)
+    except Exception as e:  # the job's own error is the one to report
+        log.debug("W&B run of a failed job could not be finished: %s", e)
+
+
+def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str, config: dict,
+           pending: Future | None = None) -> None:
     """Log the job's W&B run unless this store already holds a finished one for this run id
     (a job killed after its results were safe, or a twin that waited on the lock, logs it now)."""
     from lac.tracking import start_tracker, timing_line
@@ -393,7 +432,10 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
         df = pd.read_parquet(store.dir / "results.parquet")
         gens_file = store.dir / "generations.jsonl"
         gens = [json.loads(line) for line in gens_file.read_text().splitlines()] if gens_file.is_file() else []
-        tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+        if pending is not None:
+            tracker = pending.result()
+        else:
+            tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
         try:
             tracker.log_results(df, summary["summary"])
             if gens:
@@ -417,6 +459,8 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     final = JobStore(Path(cfg.results_root), key)
     config = OmegaConf.to_container(cfg, resolve=True)
     t0 = time.time()
+    run_id, name = run_id_for(key, cfg.tracker), f"{cfg.model.name}-{spec.grid.name}-{key[:8]}"
+    pending = None
     with final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
         if not rerun and final.done:
             log.info("job %s already finished in %s: reusing its results", key, final.dir)
@@ -425,14 +469,16 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
             store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
             if rerun:
                 log.info("rerun=true: recomputing job %s in %s", key, store.dir)
+            pending = _start_tracking(cfg, final, run_id, job_dir, name, config)
             try:
                 summary, _, _ = _compute(cfg, spec, store, key, config, t0)
             except BaseException:
                 store.discard_if_empty()
+                _abandon_tracking(pending)
                 raise
             store.publish()
         _copy_into(job_dir, final)
-        _track(cfg, final, run_id_for(key, cfg.tracker), job_dir, f"{cfg.model.name}-{spec.grid.name}-{key[:8]}", config)
+        _track(cfg, final, run_id, job_dir, name, config, pending)
     print(format_table(summary["summary"]))
     log.info("results: %s (job store %s)", job_dir.resolve(), final.dir)
     return summary

@@ -1,0 +1,70 @@
+"""A multirun captures once as deep as its deepest job needs (issue 14: `-m layer=range(4,14)` must not
+re-capture one layer deeper in every job)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lac import runner
+from lac.config import build_spec
+from tests.conftest import compose
+
+
+def test_jobs_of_a_planned_sweep_capture_to_the_sweeps_depth(monkeypatch):
+    specs = {L: build_spec(compose(["tracker=none", "site=p_last", f"layer={L}"])) for L in (4, 8, 6)}
+    seen = []
+    monkeypatch.setattr(runner, "capture_cells", lambda lm, book, cells, **kw: seen.append(kw["depth"]) or [])
+    monkeypatch.setattr(runner, "CAPTURE_DEPTH", {})
+    lm = SimpleNamespace(name="qwen0.5", n_layers=24)
+    runner.capture(lm, specs[4], [], book=None, cache=None, batch_cells=4)
+    assert seen == [5]  # a lone job: just deep enough for its layer
+    for spec in specs.values():
+        runner.plan_sweep_depth("qwen0.5", spec)
+    for L in (4, 8, 6):
+        runner.capture(lm, specs[L], [], book=None, cache=None, batch_cells=4)
+    assert seen[1:] == [9, 9, 9]  # every job of the sweep: the deepest (layer 8) + 1, captured once
+    other = SimpleNamespace(name="smollm2", n_layers=30)
+    runner.capture(other, specs[4], [], book=None, cache=None, batch_cells=4)
+    assert seen[-1] == 5  # the plan is per model (and grid)
+
+
+def test_the_multirun_callback_plans_every_job(monkeypatch):
+    planned = []
+    monkeypatch.setattr(runner, "plan_sweep_depth", lambda name, spec: planned.append((name, spec.layers)))
+    from lac.multirun import LacCallback
+
+    cfg = compose(["tracker=none", "site=p_last", "layer=4"])
+    monkeypatch.setattr("lac.multirun.job_overrides", lambda config: [["layer=4"], ["layer=7"]])
+
+    composed = {L: compose(["tracker=none", "site=p_last", f"layer={L}"]) for L in (4, 7)}
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            return composed[int(sweep_overrides[0].split("=")[1])]
+
+    import hydra.core.global_hydra as gh
+
+    monkeypatch.setattr(gh.GlobalHydra, "instance", staticmethod(lambda: SimpleNamespace(config_loader=Loader)))
+    LacCallback().on_multirun_start(cfg)
+    assert planned == [("qwen0.5", (4,)), ("qwen0.5", (7,))]
+
+
+def test_early_wandb_run_of_a_failed_job_is_finished_as_failed(tmp_path):
+    """W&B starts beside the compute (issue 14); a job that then fails ends its run with exit code 1."""
+    from concurrent.futures import Future
+
+    from lac.results import JobStore
+
+    finished = []
+    tracker = SimpleNamespace(finish=lambda exit_code=None: finished.append(exit_code))
+    pending = Future()
+    pending.set_result(tracker)
+    runner._abandon_tracking(pending)
+    assert finished == [1]
+    runner._abandon_tracking(None)  # tracker=none: nothing to do
+    store = JobStore(tmp_path, "k")
+    cfg = compose(["tracker=none"])
+    assert runner._start_tracking(cfg, store, "rid", tmp_path, "n", {}) is None
+    broken = Future()
+    broken.set_exception(RuntimeError("no W&B"))
+    runner._abandon_tracking(broken)  # the job's own error stays the one reported
