@@ -396,6 +396,17 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     return summary, df, gens
 
 
+def _import_in_background(module: str) -> None:
+    """Import `module` in a daemon thread: the import overlaps torch work (which releases the GIL) and
+    the later `import` in the main thread waits for it to finish (Python's module lock)."""
+    import importlib
+    import sys
+    import threading
+
+    if module not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=(module,), name=f"lac-import-{module}", daemon=True).start()
+
+
 def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str,
                     config: dict) -> Future | None:
     """Begin the job's W&B run (import, init) in a background thread while the job computes: off the
@@ -470,6 +481,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
             if rerun:
                 log.info("rerun=true: recomputing job %s in %s", key, store.dir)
             pending = _start_tracking(cfg, final, run_id, job_dir, name, config)
+            _import_in_background("lightning.pytorch")  # ~3 s of imports, beside model load and captures
             try:
                 summary, _, _ = _compute(cfg, spec, store, key, config, t0)
             except BaseException:

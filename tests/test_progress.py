@@ -1,0 +1,35 @@
+"""Progress a user can see (issue 13): clean captures and generation show a bar on a terminal (or with
+LAC_PROGRESS=1) and their time appears in the job's closing line."""
+
+from __future__ import annotations
+
+import time
+
+from lac import tracking
+
+
+def test_phase_progress_shows_a_bar_and_times_the_phase(monkeypatch, capsys):
+    monkeypatch.setenv("LAC_PROGRESS", "1")
+    monkeypatch.setattr(tracking, "_PHASES", {})
+    monkeypatch.setattr(tracking, "_PREDICT", {"seconds": 2.0, "cells": 12, "rows": 180})
+    with tracking.phase_progress("clean captures", 12, "cell") as advance:
+        advance(5)
+        time.sleep(0.2)
+        advance(7)
+    err = capsys.readouterr().err
+    assert "clean captures" in err and "12/12" in err
+    with tracking.phase_progress("generation", 80, "tok") as advance:
+        advance(80)
+    assert tracking._PHASES["clean captures"] >= 0.2
+    line = tracking.timing_line(10.0, 1.5)
+    assert "clean captures 0.2 s" in line or "clean captures 0.3 s" in line
+    assert "patched steps 2.0 s (12 cells, 180 rows, generation 0.0 s)" in line and "W&B 1.5 s" in line
+    assert line.startswith("time: 11.5 s = model load and set-up 7.")
+    assert tracking._PHASES == {}  # reset for the next job of the process
+
+
+def test_no_bar_off_a_terminal(monkeypatch, capsys):
+    monkeypatch.setenv("LAC_PROGRESS", "0")
+    with tracking.phase_progress("generation", 10, "tok") as advance:
+        advance(10)
+    assert "generation" not in capsys.readouterr().err
