@@ -42,6 +42,7 @@ from lac.sites import REF_TOKENS
 
 log = logging.getLogger("lac")
 _MODEL: dict[str, LoadedModel] = {}  # one model kept across the jobs of a process
+_STARTED_UP = False  # the process's start-up was noted (by its first job)
 
 
 def _model_key(mcfg: DictConfig) -> str:
@@ -54,6 +55,9 @@ def get_model(mcfg: DictConfig, tokenizer=None) -> LoadedModel:
         _MODEL.clear()
         t0 = time.time()
         _MODEL[key] = load_model(mcfg, tokenizer)
+        from lac.tracking import note_phase
+
+        note_phase("model load", time.time() - t0)
         log.info("loaded %s (%s, %s) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype, time.time() - t0)
     return _MODEL[key]
 
@@ -307,6 +311,10 @@ def _lightning_module(lm, spec, book, cache, engine_cfg, ctx):
 
 
 def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cfg: DictConfig, ctx: dict) -> None:
+    book = PromptBook(lm.tokenizer, spec.grid)
+    cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
+    clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=int(cfg.engine.capture_cells))
+    t0 = time.monotonic()
     import lightning as L
     from lightning.pytorch.callbacks import BasePredictionWriter
     from torch.utils.data import DataLoader
@@ -319,9 +327,6 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
             store.write_part(name, frame(prediction["rows"]), prediction["cells"], prediction["generations"])
             log.info("cells done: %s", ", ".join(prediction["cells"]))
 
-    book = PromptBook(lm.tokenizer, spec.grid)
-    cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
-    clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=int(cfg.engine.capture_cells))
     module = _lightning_module(lm, spec, book, cache, cfg.engine, ctx)
     loader = DataLoader(cells, batch_size=int(cfg.engine.batch_cells), shuffle=False, collate_fn=list)
     accel = {"cuda": "gpu", "mps": "mps"}.get(lm.device.type, "cpu")
@@ -331,6 +336,9 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     trainer = L.Trainer(
         accelerator=accel, devices=1, **{**options, "callbacks": [PartWriter("batch"), *options["callbacks"]]},
     )
+    from lac.tracking import note_phase
+
+    note_phase("lightning set-up", time.monotonic() - t0)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     log.info("activation cache %s: %s", cache.key, cache.hits)
 
@@ -392,7 +400,11 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     changed = [*spec.interventions, *(spec.condition_ivs if spec.mode == "markers" else ())]
     if any("L" in iv.host for iv in changed):
         summary["length_matched"] = length_matched_texts(cfg, spec)
+    t1 = time.monotonic()
     store.finish(df, summary, gens)
+    from lac.tracking import note_phase
+
+    note_phase("writes", time.monotonic() - t1)
     return summary, df, gens
 
 
@@ -463,6 +475,12 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     `rerun=true` recomputes it and swaps the new results in atomically."""
     from lac.tracking import run_id_for
 
+    global _STARTED_UP
+    if not _STARTED_UP:  # the process's imports and Hydra, once (a multirun's later jobs have none)
+        from lac.tracking import note_phase
+
+        note_phase("start-up", time.monotonic() - lac.STARTED)
+        _STARTED_UP = True
     spec = preflight(cfg)  # every user error surfaces here, before any model loads
     key = job_key(cfg)
     job_dir = Path(job_dir or ".")

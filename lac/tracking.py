@@ -555,6 +555,11 @@ def _progress_enabled() -> bool:
 _PHASES: dict[str, float] = {}  # seconds of this process's last clean-capture and generation phases
 
 
+def note_phase(phase: str, seconds: float) -> None:
+    """Add to a fixed-cost phase of this process's job (start-up, model load, lightning set-up, writes)."""
+    _PHASES[phase] = _PHASES.get(phase, 0.0) + seconds
+
+
 @contextlib.contextmanager
 def phase_progress(phase: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
     """Progress of a phase outside Lightning's predict loop (clean captures, generation): a tqdm bar
@@ -632,20 +637,27 @@ def trainer_options(total_cells: int) -> dict[str, Any]:
 
 
 def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
-    """The job's last line on where time went (patched steps timed by :func:`progress_callback`)."""
+    """The job's last line on where time went: the fixed costs (start-up of the process's first job,
+    model load, Lightning set-up, result writes, W&B on the critical path) and the compute (clean
+    captures, patched steps)."""
     done, phases = dict(_PREDICT), dict(_PHASES)
     _PREDICT.clear()
     _PHASES.clear()
     if compute_seconds is None or "seconds" not in done:
         return f"time: results reused (nothing computed), W&B {tracking_seconds:.1f} s"
     steps = done["seconds"]
+    fixed = {k: phases.get(k, 0.0) for k in ("model load", "lightning set-up", "writes")}
     clean = phases.get("clean captures", 0.0)
-    rest = max(float(compute_seconds) - steps - clean, 0.0)
+    other = max(float(compute_seconds) - steps - clean - fixed["model load"] - fixed["lightning set-up"], 0.0)
+    startup = phases.get("start-up", 0.0)  # (compute_seconds runs from the job's start to its results)
+    total = startup + float(compute_seconds) + fixed["writes"] + tracking_seconds
     gen = phases.get("generation")
     inside = f", generation {gen:.1f} s" if gen else ""
-    return (f"time: {float(compute_seconds) + tracking_seconds:.1f} s = model load and set-up {rest:.1f} s "
-            f"+ clean captures {clean:.1f} s + patched steps {steps:.1f} s ({int(done.get('cells', 0))} cells, "
-            f"{int(done.get('rows', 0))} rows{inside}) + W&B {tracking_seconds:.1f} s")
+    head = f"start-up {startup:.1f} s + " if startup else ""
+    return (f"time: {total:.1f} s = {head}model load {fixed['model load']:.1f} s + lightning set-up "
+            f"{fixed['lightning set-up']:.1f} s + clean captures {clean:.1f} s + patched steps {steps:.1f} s "
+            f"({int(done.get('cells', 0))} cells, {int(done.get('rows', 0))} rows{inside}) + writes "
+            f"{fixed['writes']:.1f} s + other {other:.1f} s + W&B {tracking_seconds:.1f} s")
 
 
 # --------------------------------------------------------------------------- trackers

@@ -21,10 +21,15 @@ def test_phase_progress_shows_a_bar_and_times_the_phase(monkeypatch, capsys):
     with tracking.phase_progress("generation", 80, "tok") as advance:
         advance(80)
     assert tracking._PHASES["clean captures"] >= 0.2
+    tracking.note_phase("start-up", 3.0)
+    tracking.note_phase("model load", 2.5)
+    tracking.note_phase("lightning set-up", 0.5)
+    tracking.note_phase("writes", 0.25)
     line = tracking.timing_line(10.0, 1.5)
     assert "clean captures 0.2 s" in line or "clean captures 0.3 s" in line
     assert "patched steps 2.0 s (12 cells, 180 rows, generation 0.0 s)" in line and "W&B 1.5 s" in line
-    assert line.startswith("time: 11.5 s = model load and set-up 7.")
+    assert line.startswith("time: 14.8 s = start-up 3.0 s + model load 2.5 s + lightning set-up 0.5 s + ")
+    assert "writes 0.2 s + other 4.8 s" in line or "writes 0.2 s + other 4.7 s" in line
     assert tracking._PHASES == {}  # reset for the next job of the process
 
 
