@@ -1,0 +1,116 @@
+"""Where a job's compute goes: attention, MLP, norms, LM head, and the Python around them.
+
+    PYTHONPATH=. python benchmarks/where_time_goes.py --protocol section4 [--threads 2]
+    PYTHONPATH=. python benchmarks/where_time_goes.py --protocol long
+
+Runs what a job runs from model loaded to cells done (lac.runner.clean_phase, then
+compute_cells per predict step; no disk activation cache), with wall-clock forward hooks
+on every decoder block's attention and MLP, the norms and the LM head (CPU forwards are
+synchronous, so a hook pair times its module). "python + rest" = the whole minus the timed
+modules: embedding lookups, residual adds, the engine's batching, KL and geometry.
+Prints a table; writes benchmarks/results/where_time_goes-<protocol>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import compose, git_state, loadavg, reset_lac  # noqa: E402
+
+PROTOCOLS = {
+    "section4": ["grid=short", "site=transition", "layer=paper"],
+    "long": ["grid=long", "site=transition", "layer=long"],
+}
+
+
+def kind(name: str, module: torch.nn.Module, head: torch.nn.Module) -> str | None:
+    if module is head:
+        return "lm head"
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "self_attn":
+        return "attention"
+    if leaf == "mlp":
+        return "mlp"
+    if "norm" in leaf and ".layers." in name:
+        return "norms"
+    return None
+
+
+def timed(model) -> tuple[dict[str, float], list]:
+    """Forward pre/post hooks adding each timed module's wall time into a dict."""
+    spent: dict[str, float] = defaultdict(float)
+    handles, head = [], model.get_output_embeddings()
+    for name, module in model.named_modules():
+        k = kind(name, module, head)
+        if k is None:
+            continue
+
+        def pre(mod, args, k=k):
+            mod._lac_t0 = time.perf_counter()
+
+        def post(mod, args, out, k=k):
+            spent[k] += time.perf_counter() - mod._lac_t0
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return spent, handles
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--protocol", choices=list(PROTOCOLS), default="section4")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lac.cache import ActivationCache
+    from lac.config import build_spec
+    from lac.prompts import PromptBook
+    from lac.runner import clean_phase, compute_cells, get_model
+
+    base = ["tracker=none", "model.device=cpu", *PROTOCOLS[args.protocol]]
+    cfg = compose(base)
+    lm = get_model(cfg.model)
+    spec = build_spec(cfg)
+    cells = spec.grid.cells()
+    reset_lac()
+    spent, handles = timed(lm.model)
+    load0 = loadavg()
+    t0 = time.perf_counter()
+    book = PromptBook(lm.tokenizer, spec.grid)
+    cache = ActivationCache(lm, spec.grid, disk=False)
+    clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=int(cfg.engine.capture_cells))
+    t_clean = time.perf_counter() - t0
+    ctx = {"model": lm.name, "model_id": lm.model_id, "grid": spec.grid.name}
+    step = int(cfg.engine.batch_cells)
+    for i in range(0, len(cells), step):
+        compute_cells(lm, spec, cells[i : i + step], book=book, cache=cache, max_rows=int(cfg.engine.max_rows),
+                      batch_cells=step, ctx=ctx)
+    total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    parts = dict(spent)
+    parts["python + rest"] = total - sum(spent.values())
+    res = {"protocol": args.protocol, **git_state(), "threads": torch.get_num_threads(),
+           "loadavg_start": load0, "loadavg_end": loadavg(), "cells": len(cells),
+           "total_s": total, "clean_phase_s": t_clean, "parts_s": parts}
+    print(f"{args.protocol}: {len(cells)} cells, {total:.1f} s from model loaded to cells done "
+          f"(clean phase {t_clean:.1f} s), {torch.get_num_threads()} threads, load {load0}")
+    print(f"{'part':<16} {'seconds':>8} {'share':>6}")
+    for k, v in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"{k:<16} {v:>8.2f} {v / total:>6.1%}")
+    out = Path(__file__).resolve().parent / "results" / f"where_time_goes-{args.protocol}.json"
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
