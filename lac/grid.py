@@ -392,6 +392,20 @@ def grid_from_mapping(data: Any, name: str, where: str = "grid") -> Grid:
                 markers=markers)
 
 
+def paper_grid(name: str, baseline_persona: str, baseline_task: str, personas: dict[str, str],
+               tasks: dict[str, str], markers: dict[str, list[str]] | None = None) -> Grid:
+    """A grid of the paper's 2x2 design ("As {persona}, {task}") from its texts, unvalidated."""
+    return Grid(name, (Factor("persona", "X", baseline_persona, dict(personas)),
+                       Factor("task", "Y", baseline_task, dict(tasks))), markers=dict(markers or {}))
+
+
+def edit_paper_grid(grid: Grid, **change: Any) -> Grid:
+    """The paper-design `grid` with some of baseline_persona, baseline_task, personas, tasks replaced."""
+    now = {"baseline_persona": grid.baseline_persona, "baseline_task": grid.baseline_task,
+           "personas": grid.personas, "tasks": grid.tasks, "markers": grid.markers}
+    return paper_grid(grid.name, **{**now, **change})
+
+
 def with_partners(grid: Grid, factor: str, rule: Any) -> Grid:
     """The grid with swap partners for `factor`: "next" (the next level in grid order, cyclic),
     "same" (X' = X), or a mapping level -> partner level."""

@@ -69,7 +69,8 @@ def test_controls_in_markers_mode(tmp_path):
     assert out.returncode == 0, out.log[-3000:]
     gens = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     by = {g["condition"]: g for g in gens}
-    assert set(by) == {"clean", "knockout_persona", "kv_persona", "host_oracle_span", "host_none_lm"}
+    # the job's own intervention (additive by default) is a condition too, beside those listed
+    assert set(by) == {"clean", "knockout_persona", "kv_persona", "host_oracle_span", "host_none_lm", "additive"}
     assert by["clean"]["layer"] == -1 and by["knockout_persona"]["layer"] == 23
     assert all(len(g["tokens"]) == 12 for g in gens)
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")

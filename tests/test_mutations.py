@@ -76,7 +76,7 @@ def position_before(monkeypatch):
 
 def wrong_sign(monkeypatch):
     """h_BB - dX - dY instead of h_BB + dX + dY."""
-    def flipped(cap, site, layer):
+    def flipped(cap, site, layer, grid=None):
         h_bb = cap.h("BB", site, layer)
         return h_bb - (cap.h("XB", site, layer) - h_bb) - (cap.h("BY", site, layer) - h_bb)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from lac.grid import grid_from_mapping, load_yaml
+from lac.grid import edit_paper_grid, grid_from_mapping, load_yaml
 from lac.prompts import (
     ROLES,
     Prompt,
@@ -85,10 +84,10 @@ def test_shipped_grids_pass(qwen_tok, gemma_tok, llama_tok, name):
 def test_qwen_special_tokens_refused(qwen_tok, where, evil, token):
     grid = shipped_grid("short")
     if where == "persona":
-        grid = replace(grid, personas={**grid.personas, "yoda": evil})
+        grid = edit_paper_grid(grid, personas={**grid.personas, "yoda": evil})
         key = "persona 'yoda'"
     else:
-        grid = replace(grid, tasks={**grid.tasks, "haiku": evil})
+        grid = edit_paper_grid(grid, tasks={**grid.tasks, "haiku": evil})
         key = "task 'haiku'"
     with pytest.raises(PromptError) as e:
         check_grid_text(qwen_tok, grid, "qwen0.5")
@@ -99,7 +98,7 @@ def test_qwen_special_tokens_refused(qwen_tok, where, evil, token):
 
 @pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 def test_baseline_checked_and_all_offenders_named(qwen_tok):
-    grid = replace(shipped_grid("short"), baseline_persona="a person<|im_end|>",
+    grid = edit_paper_grid(shipped_grid("short"), baseline_persona="a person<|im_end|>",
                    baseline_task="Advise.<|endoftext|>",
                    personas={"yoda": "Yoda", "marx": "Marx<|im_start|>"})
     with pytest.raises(PromptError) as e:
@@ -114,7 +113,7 @@ def test_baseline_checked_and_all_offenders_named(qwen_tok):
 @pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 def test_lookalikes_are_plain_text(qwen_tok):
     """Near misses of control tokens, markup and non-special added tokens are ordinary text."""
-    grid = replace(shipped_grid("short"),
+    grid = edit_paper_grid(shipped_grid("short"),
                    personas={"a": "someone who writes <|im_end| and im_end|> and <tool_call>",
                              "b": "a <b>bold</b> HTML author, 日本語, emoji 🙂"})
     check_grid_text(qwen_tok, grid, "qwen0.5")
@@ -155,7 +154,7 @@ def test_encode_refuses_special_tokens_when_grid_check_skipped(qwen_tok, evil):
 @pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 def test_promptbook_refuses_unchecked_grid(qwen_tok):
     grid = shipped_grid("short")
-    grid = replace(grid, personas={**grid.personas, "yoda": "Yoda<|im_end|>"})
+    grid = edit_paper_grid(grid, personas={**grid.personas, "yoda": "Yoda<|im_end|>"})
     book = PromptBook(qwen_tok, grid)
     cell = next(c for c in grid.cells() if c.persona == "yoda")
     book.get(cell, "BB")  # baseline is clean
@@ -178,7 +177,7 @@ def test_encode_rechecks_after_tokenizer_changes(qwen_tok):
 @pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 @pytest.mark.parametrize("token", ["<start_of_turn>", "<bos>", "<end_of_turn>"])
 def test_gemma_control_tokens_refused(gemma_tok, token):
-    grid = replace(shipped_grid("short"), personas={"yoda": f"Yoda{token}user"})
+    grid = edit_paper_grid(shipped_grid("short"), personas={"yoda": f"Yoda{token}user"})
     with pytest.raises(PromptError) as e:
         check_grid_text(gemma_tok, grid, "gemma-2-2b-it")
     assert "persona 'yoda'" in str(e.value) and repr(token) in str(e.value) and "'gemma-2-2b-it'" in str(e.value)
@@ -189,7 +188,7 @@ def test_gemma_control_tokens_refused(gemma_tok, token):
 @pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 @pytest.mark.parametrize("token", ["<|eot_id|>", "<|start_header_id|>", "<|begin_of_text|>"])
 def test_llama_control_tokens_refused(llama_tok, token):
-    grid = replace(shipped_grid("short"), tasks={"haiku": f"Write a haiku.{token}"})
+    grid = edit_paper_grid(shipped_grid("short"), tasks={"haiku": f"Write a haiku.{token}"})
     with pytest.raises(PromptError) as e:
         check_grid_text(llama_tok, grid, "llama-3-8b-instruct")
     assert "task 'haiku'" in str(e.value) and repr(token) in str(e.value)

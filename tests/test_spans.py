@@ -8,11 +8,10 @@ prefixes of the prompt and comparing character lengths with where the persona si
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 
-from lac.grid import Cell
+from lac.grid import Cell, edit_paper_grid
 from lac.prompts import (
     DEFAULT_FILLER,
     ROLES,
@@ -139,7 +138,7 @@ def test_persona_merged_with_preceding_space(qwen_tok):
     assert e - s == 1 and tok.convert_ids_to_tokens(p.ids[s]) == " Yoda"
     assert tok.decode([p.ids[s - 1]]) == "As" and tok.decode([p.ids[e]]) == ","
 
-    grid = replace(shipped_grid("short"), personas={"einstein": "Einstein", "yoda": "Yoda"})
+    grid = edit_paper_grid(shipped_grid("short"), personas={"einstein": "Einstein", "yoda": "Yoda"})
     check_book(qwen_tok, grid)
     book = PromptBook(tok, grid)
     assert book.get(Cell("yoda", "haiku"), "XY").span == (s, e)
@@ -159,7 +158,7 @@ def test_unicode_and_punctuation(qwen_tok, gemma_tok, persona):
         p = encode(tok, msg, persona)
         assert (p.ids, p.p_user_last) == (old_encode(tok, msg).ids, old_encode(tok, msg).p_user_last)
         check_span(tok, p, msg, persona)
-    grid = replace(shipped_grid("short"), personas={"odd": persona})
+    grid = edit_paper_grid(shipped_grid("short"), personas={"odd": persona})
     check_book(qwen_tok, grid)
 
 
@@ -197,7 +196,7 @@ def test_persona_missing_from_message(qwen_tok):
 
 
 def test_empty_filler_refused_only_when_needed(qwen_tok):
-    grid = replace(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper",
+    grid = edit_paper_grid(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper",
                                                     "short": "Einstein"})
     book = PromptBook(qwen_tok, grid, filler="")
     assert book.ly_text(Cell("short", "haiku")) == " a"  # shorter than the baseline: no filler needed
@@ -208,14 +207,14 @@ def test_empty_filler_refused_only_when_needed(qwen_tok):
 
 
 def test_filler_with_control_tokens_refused(qwen_tok):
-    grid = replace(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper"})
+    grid = edit_paper_grid(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper"})
     book = PromptBook(qwen_tok, grid, filler=" calm<|im_end|>")
     with pytest.raises(PromptError, match="im_end"):
         book.get(Cell("long", "haiku"), "LY")
 
 
 def test_custom_filler_cycles(qwen_tok):
-    grid = replace(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper"})
+    grid = edit_paper_grid(shipped_grid("short"), personas={"long": "a very patient and kind old lighthouse keeper"})
     filler = " calm quiet"
     fill = qwen_tok(filler, add_special_tokens=False)["input_ids"]
     assert len(fill) == 2
