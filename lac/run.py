@@ -40,5 +40,24 @@ def main(cfg: DictConfig) -> None:
         raise
 
 
+def exit_now(code: object) -> None:
+    """Leave without Python's interpreter teardown (~2 s of freeing torch/transformers modules): every
+    result, W&B run and log is written and flushed by then. Only for a finished `python -m lac.run`."""
+    import logging
+    import os
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:  # Hydra and lac end with sys.exit(code); exceptions keep Python's own exit
+        exit_now(e.code)
+    exit_now(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -374,8 +374,10 @@ def provenance() -> dict[str, Any]:
     return out
 
 
-def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dict, t0: float):
-    """Resume or start the job's cells in `store` and write its final files; returns (summary, df, gens)."""
+def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dict, t0: float,
+             on_loaded: Callable[[], None] = lambda: None):
+    """Resume or start the job's cells in `store` and write its final files; returns (summary, df, gens).
+    `on_loaded` runs once the model is loaded (work to overlap with the compute)."""
     store.claim(config)
     _, _, done_cells = store.read_parts()
     cells = [c for c in spec.grid.cells() if c.key not in done_cells]
@@ -384,6 +386,8 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
     if cells:
         lm = prepare_model(cfg, spec)
+        on_loaded()
+        _import_in_background("lightning.pytorch")  # ~3 s of imports, beside the clean captures (GIL-free torch)
         if lm.n_layers != spec.n_layers:
             raise ConfigError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
         torch.manual_seed(0)
@@ -498,14 +502,18 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
             store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
             if rerun:
                 log.info("rerun=true: recomputing job %s in %s", key, store.dir)
-            pending = _start_tracking(cfg, final, run_id, job_dir, name, config)
-            _import_in_background("lightning.pytorch")  # ~3 s of imports, beside model load and captures
+            started: list[Future | None] = []  # W&B begins once the model is loaded (no contention with it)
+
+            def begin_tracking() -> None:
+                started.append(_start_tracking(cfg, final, run_id, job_dir, name, config))
+
             try:
-                summary, _, _ = _compute(cfg, spec, store, key, config, t0)
+                summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=begin_tracking)
             except BaseException:
                 store.discard_if_empty()
-                _abandon_tracking(pending)
+                _abandon_tracking(started[0] if started else None)
                 raise
+            pending = started[0] if started else None
             store.publish()
         _copy_into(job_dir, final)
         _track(cfg, final, run_id, job_dir, name, config, pending)
