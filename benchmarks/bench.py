@@ -283,7 +283,7 @@ def run_naive(lm, spec, cells, book, meter) -> dict:
 @contextlib.contextmanager
 def lac_phases(meter):
     """Times lac's capture and patched (KL) phases by wrapping the functions compute_cells calls."""
-    import lac.interventions as li
+    import lac.patching as li
     import lac.runner as lr
     from lac import engine
 
@@ -294,7 +294,7 @@ def lac_phases(meter):
     rec["capture_logit_positions"] = 0
     import lac.prefix as lpre
 
-    orig_cap, orig_kl, orig_rows = lr.capture, lr.kl_records, li.run_rows
+    orig_cap, orig_kl, orig_rows = lr.capture, lr.kl_rows, li.run_rows
     orig_crows, orig_decode, orig_prows = lcap.run_rows, lcap.decode, lpre.run_rows
 
     def cap(*a, **k):
@@ -333,12 +333,12 @@ def lac_phases(meter):
         rec["capture_logit_positions"] += len(traces) * (n_new - 1)
         return orig_decode(lm, traces, n_new, **k)
 
-    lr.capture, lr.kl_records, li.run_rows = cap, klr, rows
+    lr.capture, lr.kl_rows, li.run_rows = cap, klr, rows
     lcap.run_rows, lcap.decode, lpre.run_rows = crows, decode, prows
     try:
         yield rec
     finally:
-        lr.capture, lr.kl_records, li.run_rows = orig_cap, orig_kl, orig_rows
+        lr.capture, lr.kl_rows, li.run_rows = orig_cap, orig_kl, orig_rows
         lcap.run_rows, lcap.decode, lpre.run_rows = orig_crows, orig_decode, orig_prows
 
 
