@@ -56,11 +56,11 @@ class Intervention:
         if factor not in self.grid.factor_names:
             raise ValueError(f"intervention {self.name}: factor {factor!r} is not a factor of grid "
                              f"{self.grid.name!r}; allowed: {', '.join(self.grid.factor_names)}")
-        g, i = self.grid, self.grid.factor_names.index(factor)
+        g = self.grid
         self.full, self.empty = g.full, g.empty
         self.single = g.role((factor,))  # paper: XB
         self.host = {"full": g.full, "without": g.host(factor), "bare": "bare",
-                     "lm": g.full[:i] + "L" + g.full[i + 1:]}[self.host_kind]
+                     "lm": g.role(g.factor_names, mark={factor: "L"})}[self.host_kind]
 
     def targets(self) -> dict[str, str]:
         """metric -> the role whose clean window the KL compares to (paper: kl vs XY)."""
@@ -109,17 +109,16 @@ class RemoveX(Intervention):
 
     name = "remove_x"
 
-    def __init__(self, grid=None, factor="persona", alpha=None):
-        super().__init__(grid, factor, alpha)
-        if type(self) is Remove:
-            self.name = f"remove_{factor}"
-
     def vector(self, cap, site, layer):
         return cap.h(self.full, site, layer) - self.delta(cap, site, layer)
 
 
 class Remove(RemoveX):
     name = "remove"
+
+    def __init__(self, grid=None, factor="persona", alpha=None):
+        super().__init__(grid, factor, alpha)
+        self.name = f"remove_{factor}"  # its rows name the factor
 
 
 class HostNone(Intervention):
@@ -179,9 +178,9 @@ class Swap(Intervention):
 
     def __init__(self, grid=None, factor="persona", alpha=None):
         super().__init__(grid, factor, alpha)
-        i = self.grid.factor_names.index(factor)
-        self.partner_single = self.empty[:i] + "S" + self.empty[i + 1:]  # paper: X'B
-        self.partner_full = self.full[:i] + "S" + self.full[i + 1:]  # paper: X'Y
+        g = self.grid
+        self.partner_single = g.role((), mark={factor: "S"})  # paper: X'B
+        self.partner_full = g.role(g.factor_names, mark={factor: "S"})  # paper: X'Y
 
     def targets(self):
         return {"kl": self.full, "kl_partner": self.partner_full}

@@ -386,10 +386,10 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
     if cells:
         lm = prepare_model(cfg, spec)
-        on_loaded()
-        _import_in_background("lightning.pytorch")  # ~3 s of imports, beside the clean captures (GIL-free torch)
         if lm.n_layers != spec.n_layers:
             raise ConfigError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
+        on_loaded()
+        _import_in_background("lightning.pytorch")  # ~3 s of imports, beside the clean captures (GIL-free torch)
         torch.manual_seed(0)
         _predict(lm, spec, cells, store, cfg, ctx)
     df, gens, got = store.read_parts()
