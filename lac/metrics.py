@@ -12,8 +12,14 @@ EPS = 1e-9  # in every denominator, as the paper
 
 def kl_window(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> float:
     """Sum over window positions of KL(P_clean || P_intervened), nats; inputs [window, vocab]."""
-    lc, li = logp_clean.float(), logp_int.float()
-    return float((lc.exp() * (lc - li)).sum())
+    return float(kl_window_tensor(logp_clean, logp_int))
+
+
+def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> torch.Tensor:
+    """kl_window as a 0-d tensor on the intervened side's device (clean captures are kept on the CPU)."""
+    li = logp_int.float()
+    lc = logp_clean.to(device=li.device, dtype=torch.float32)
+    return (lc.exp() * (lc - li)).sum()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

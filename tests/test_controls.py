@@ -87,8 +87,8 @@ def _forward(lm, ids, writes=(), knock=(), past=None, start=0):
     try:
         with torch.no_grad():
             n = len(ids)
-            out = lm.model(torch.tensor([ids]), past_key_values=past, use_cache=past is not None,
-                           position_ids=torch.arange(start, start + n)[None])
+            out = lm.model(torch.tensor([ids], device=lm.device), past_key_values=past, use_cache=past is not None,
+                           position_ids=torch.arange(start, start + n, device=lm.device)[None])
     finally:
         for h in handles:
             h.remove()
@@ -110,14 +110,14 @@ def _memo(lm, kind, ids, fn):
 def _hidden(lm, ids):
     def run():
         with torch.no_grad():
-            return lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            return lm.model(torch.tensor([ids], device=lm.device), output_hidden_states=True).hidden_states
     return _memo(lm, "hidden", ids, run)
 
 
 def _kv(lm, ids):
     def run():
         with torch.no_grad():
-            cache = lm.model(torch.tensor([ids]), use_cache=True, past_key_values=DynamicCache()).past_key_values
+            cache = lm.model(torch.tensor([ids], device=lm.device), use_cache=True, past_key_values=DynamicCache()).past_key_values
         return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
     return _memo(lm, "kv", ids, run)
 
@@ -125,7 +125,7 @@ def _kv(lm, ids):
 def _ref(lm, ids):
     def run():
         with torch.no_grad():
-            gen = lm.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            gen = lm.model.generate(torch.tensor([ids], device=lm.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=lm.device),
                                     max_new_tokens=REF_TOKENS, do_sample=False, num_beams=1)
         return gen[0, len(ids):].tolist()
     return _memo(lm, "ref", ids, run)
@@ -268,7 +268,7 @@ def test_attn_persona_equals_hf_output_attentions(arch):
         xy = cap.traces["XY"]
         s, e = cap.prompts["XY"].span
         with torch.no_grad():
-            att = lm.model(torch.tensor([xy.ids]), output_attentions=True).attentions[L][0]  # HF eager
+            att = lm.model(torch.tensor([xy.ids], device=lm.device), output_attentions=True).attentions[L][0]  # HF eager
         on_span = att[:, :, s:e].sum(-1)  # [heads, queries]
         q = cap.pos("XY", site)
         w = window_first_position(site, len(cap.prompts["XY"].ids))

@@ -28,7 +28,7 @@ def _plain(lm, ids, patches=()):
         handles.append(lm.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+            out = lm.model(torch.tensor([ids], device=lm.device), output_hidden_states=True)
     finally:
         for h in handles:
             h.remove()
@@ -45,7 +45,7 @@ def test_hidden_states_L_is_block_L_input(arch):
         for i, layer in enumerate(lm.layers)
     ]
     with torch.no_grad():
-        out = lm.model(torch.tensor([ids]), output_hidden_states=True)
+        out = lm.model(torch.tensor([ids], device=lm.device), output_hidden_states=True)
     for h in handles:
         h.remove()
     assert len(out.hidden_states) == lm.n_layers + 1

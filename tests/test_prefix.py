@@ -58,7 +58,7 @@ def test_decode_from_prefix_traces_equals_generate(arch):
     toks, _ = decode(lm, [traces[s] for s in seqs], 6)
     for s, tk in zip(seqs, toks, strict=True):
         with torch.no_grad():
-            gen = lm.model.generate(torch.tensor([s]), max_new_tokens=6, do_sample=False, num_beams=1)[0, len(s):]
+            gen = lm.model.generate(torch.tensor([s], device=lm.device), max_new_tokens=6, do_sample=False, num_beams=1)[0, len(s):]
         assert tk[: len(gen)] == gen.tolist()
 
 

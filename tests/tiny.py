@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lac.models import LoadedModel, check_head
@@ -12,6 +14,10 @@ class StubTokenizer:
 
     pad_token_id = 0
     eos_token_id = 1
+
+
+# LAC_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (lac's device handling; CI has none)
+DEVICE = torch.device(os.environ.get("LAC_TEST_DEVICE", "cpu"))
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -41,9 +47,9 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     else:
         raise ValueError(arch)
     model.config._attn_implementation = "eager"
-    model.to(dtype).eval()
+    model.to(device=DEVICE, dtype=dtype).eval()
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
-    lm = LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, torch.device("cpu"))
+    lm = LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, DEVICE)
     check_head(lm)
     return lm
