@@ -188,7 +188,7 @@ def load(args):
     from transformers import AutoTokenizer, Gemma2ForCausalLM
 
     qcfg = compose(base).model
-    tok = AutoTokenizer.from_pretrained(model_source(qcfg))  # the embedded Qwen's prompts
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or model_source(qcfg))  # the embedded Qwen's prompts
     if len(tok) > 256000:
         raise ValueError("Qwen token ids would not fit Gemma's vocab")
     gbase = ["tracker=none", "model=gemma2", f"model.device={args.device}"]
@@ -718,6 +718,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="override model.dtype (default: the model config's)")
     ap.add_argument("--random-gemma2", action="store_true",
                     help="a randomly initialised full-size Gemma-2-2B (timing only; prompts from the Qwen tokenizer)")
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="with --random-gemma2: load the Qwen tokenizer from DIR (its tokenizer.json, tokenizer_config.json, "
+                         "chat_template.jinja) instead of the embedded model's folder, so no weights are needed")
     ap.add_argument("--max-rows", type=int, default=64, help="engine.max_rows")
     ap.add_argument("--batch-cells", type=int, default=12, help="engine.batch_cells")
     ap.add_argument("--capture-cells", type=int, default=64, help="engine.capture_cells")
@@ -726,6 +729,8 @@ def main(argv=None) -> int:
                     help="where embedded-qwen0.5-v15/v16.json live (optional check)")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    if args.tokenizer and not args.random_gemma2:
+        ap.error("--tokenizer is only used with --random-gemma2")
 
     import transformers
 
@@ -752,8 +757,9 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out) if args.out else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = "" if (not args.random_gemma2 and lm.device.type == "cpu" and not args.cells) else \
-        f"-{lm.name}-{lm.device.type}" + (f"-{args.cells}cells" if args.cells else "")
+    suffix = "" if (not args.random_gemma2 and lm.device.type == "cpu" and not args.cells and not args.dtype) else \
+        f"-{lm.name}-{lm.device.type}" + (f"-{machine['dtype']}" if args.dtype else "") + \
+        (f"-{args.cells}cells" if args.cells else "")
     protos = ["section4", "long", "multirun"] if args.protocol == "all" else [args.protocol]
     for proto in protos:
         if proto == "multirun":
