@@ -6,10 +6,10 @@ Builds a randomly initialised model with the embedded Qwen2.5-0.5B's config (24 
 layer set of conf/model/qwen0.5.yaml applies; seed 0) and saves it once, with the embedded model's
 tokenizer (or the one in --tokenizer DIR: a folder with tokenizer.json, tokenizer_config.json,
 chat_template.jinja and config.json, for a machine without the 2.4 GB weights). Then runs one
-`python -m lac.run -m` sweep per device (model.device=cpu, then --device) over the jobs in JOBS and
+`python -m lac.run` per job and device (model.device=cpu, then --device) over the jobs in JOBS and
 compares the two `results.parquet` of each job: the same rows, KL within METHOD.md's float32
-tolerance (rtol 1e-3 + atol 1e-6), geometry within 1e-4, identical marker generations. Prints a
-table and writes `<out>/device_check.json`. Random weights: the numbers mean nothing beyond
+tolerance (rtol 1e-3) with the cross-device noise floor as atol (1e-5, KL_ATOL), geometry
+within 1e-4, identical marker generations. Prints a table and writes `<out>/device_check.json`. Random weights: the numbers mean nothing beyond
 agreeing; what this checks is that lac's tensors meet on the right device in every code path.
 """
 
@@ -27,6 +27,10 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
+# Across devices no two float32 kernels round alike: log-probs differ by ~5e-7 per vocab entry on both
+# sides (cuBLAS vs MKL), so a 10-position window KL by up to ~10 x that. METHOD.md's atol 1e-6 is for
+# one device (batched vs plain); across devices the atol is the window's noise floor, 1e-5.
+KL_ATOL = 1e-5
 JOBS = {  # name -> overrides (grid short, site p_last, the model's default layer unless set)
     "additive": ["intervention=additive", "site=transition"],
     "remove_x": ["intervention=remove_x"],
@@ -59,24 +63,43 @@ def build_model(folder: Path, tokenizer: str | None) -> None:
     model.save_pretrained(folder)
 
 
-def sweep(device: str, model_dir: Path, out: Path, jobs: list[str]) -> tuple[dict[str, Path], float]:
-    """One multirun over the jobs on `device`; returns each job's results.parquet and the wall time."""
+def sweep(device: str, model_dir: Path, out: Path, jobs: list[str], parallel: int) -> tuple[dict[str, Path], float]:
+    """The jobs on `device`, one `python -m lac.run` each (a failure names its job), `parallel` at a time;
+    returns each finished job's results.parquet and the wall time."""
     root = out / device
     common = ["tracker=none", "model.source=hub", f"model.id={model_dir}", f"model.device={device}",
-              "site=p_last", f"results_root={root / 'results'}", f"hydra.sweep.dir={root / 'sweep'}",
-              "engine.activation_cache=false"]
+              "site=p_last", "engine.activation_cache=false", "rerun=true"]
+    threads = max((os.cpu_count() or 2) // parallel, 1)
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": str(threads)}
     found: dict[str, Path] = {}
+    running: list[tuple[str, subprocess.Popen]] = []
     t0 = time.perf_counter()
-    for name in jobs:  # one process per job: a failure names its job
-        cmd = [sys.executable, "-m", "lac.run", *common, *JOBS[name], f"hydra.run.dir={root / name}"]
+
+    def reap(block: bool) -> None:
+        for name, proc in list(running):
+            if block or proc.poll() is not None:
+                proc.wait()
+                running.remove((name, proc))
+                log = (root / f"{name}.log").read_text()
+                if proc.returncode == 0:
+                    found[name] = root / name / "results.parquet"
+                else:
+                    print(f"[{device}] {name} FAILED (exit {proc.returncode}):\n{log[-3000:]}", flush=True)
+                if block:
+                    return
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in jobs:
+        while len(running) >= parallel:
+            reap(block=False)
+            time.sleep(0.2)
+        cmd = [sys.executable, "-m", "lac.run", *common, *JOBS[name], f"results_root={root / 'results' / name}",
+               f"hydra.run.dir={root / name}"]
         print(f"[{device}] {name}: {' '.join(JOBS[name])}", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"})
-        (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], flush=True)
-            continue
-        found[name] = root / name / "results.parquet"
+        log = open(root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        running.append((name, subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)))
+    while running:
+        reap(block=True)
     return found, time.perf_counter() - t0
 
 
@@ -89,8 +112,9 @@ def compare(a: Path, b: Path) -> dict:
     m = m[m["_merge"] == "both"]
     diff = (m["value_cpu"] - m["value_dev"]).abs()
     is_kl = m["metric"].str.startswith("kl")
-    tol = (1e-6 + 1e-3 * m["value_cpu"].abs()).where(is_kl, 1e-4)
+    tol = (KL_ATOL + 1e-3 * m["value_cpu"].abs()).where(is_kl, 1e-4)
     bad = m[(diff > tol) | (m["value_cpu"].isna() != m["value_dev"].isna())]
+    worst = bad.assign(diff=diff[bad.index]).sort_values("diff", ascending=False).head(10)
     gens = {}
     for side, path in (("cpu", a), ("dev", b)):
         f = path.parent / "generations.jsonl"
@@ -100,6 +124,7 @@ def compare(a: Path, b: Path) -> dict:
         "max_dkl": float(diff[is_kl].max()) if is_kl.any() else None,
         "max_dother": float(diff[~is_kl].max()) if (~is_kl).any() else None,
         "out_of_tolerance": len(bad), "generations_identical": gens["cpu"] == gens["dev"],
+        "worst_out_of_tolerance": worst[[*keys, "value_cpu", "value_dev", "diff"]].to_dict("records"),
         "pass": unmatched == 0 and len(bad) == 0 and len(m) > 0 and gens["cpu"] == gens["dev"],
     }
 
@@ -107,9 +132,11 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "device_check"))
+    ap.add_argument("--out", default=str(REPO / "outputs" / "device_check"),
+                    help="work folder: the random model, job folders, device_check.json (default outputs/device_check)")
     ap.add_argument("--tokenizer", default=None, help="folder with the Qwen tokenizer files (default: embedded)")
     ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
+    ap.add_argument("--parallel", type=int, default=1, help="jobs at a time (CPU threads split between them)")
     args = ap.parse_args()
     jobs = [j for j in args.jobs.split(",") if j]
     unknown = sorted(set(jobs) - set(JOBS))
@@ -119,9 +146,10 @@ def main() -> None:
     model_dir = out / "random-qwen0.5"
     if not (model_dir / "model.safetensors").is_file():
         build_model(model_dir, args.tokenizer)
-    cpu, t_cpu = sweep("cpu", model_dir, out, jobs)
-    dev, t_dev = sweep(args.device, model_dir, out, jobs)
-    result = {"device": args.device, "wall_s": {"cpu": round(t_cpu, 1), args.device: round(t_dev, 1)}, "jobs": {}}
+    cpu, t_cpu = sweep("cpu", model_dir, out, jobs, args.parallel)
+    dev, t_dev = sweep(args.device, model_dir, out, jobs, args.parallel)
+    result = {"criterion": f"|dKL| <= {KL_ATOL:g} + 1e-3 |KL_cpu|; other metrics |d| <= 1e-4; same rows and generations",
+              "device": args.device, "wall_s": {"cpu": round(t_cpu, 1), args.device: round(t_dev, 1)}, "jobs": {}}
     print(f"\n| job | rows | max dKL | max d(other) | generations | {args.device} vs cpu |\n|---|---|---|---|---|---|")
     for name in jobs:
         if name not in cpu or name not in dev:
