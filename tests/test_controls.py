@@ -165,7 +165,7 @@ def plain_kl(lm, prompts, name, site, layers):
                 k[:, s:e], v[:, s:e] = kv_xy[L][0][:, s:e], kv_xy[L][1][:, s:e]
             cache.update(k[None], v[None], L)
         rest = _forward(lm, (list(ly.ids) + tail)[e:], past=cache, start=e)
-        lp = torch.cat([torch.zeros(e, rest.shape[-1]), rest])
+        lp = torch.cat([torch.zeros(e, rest.shape[-1], device=rest.device), rest])
     else:
         raise ValueError(name)
     lp = lp[first : first + 10]

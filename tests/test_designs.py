@@ -80,7 +80,7 @@ def captured(lm, grid, ivs):
 def plain_h(lm, prompt: Prompt, ref, site: str, layer: int) -> torch.Tensor:
     """Block input at (site, layer) of one plain forward over prompt + ref."""
     pos = site_position(site, len(prompt.ids), prompt.p_user_last)
-    return _hidden(lm, list(prompt.ids) + list(ref[:3]))[layer][0, pos].float()
+    return _hidden(lm, list(prompt.ids) + list(ref[:3]))[layer][0, pos].float().cpu()
 
 
 # --------------------------------------------------------------------------- k factors

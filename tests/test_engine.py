@@ -198,9 +198,9 @@ def test_patch_touches_prompt_pass_only():
     assert writes == [8, 1, 1, 1, 1]  # one prompt pass, then single-token steps
     assert base != patched
     # the prompt pass wrote the vector; the captured block-1 input at position 7 is it
-    torch.testing.assert_close(traces[0].h(1, 7), vec)
+    torch.testing.assert_close(traces[0].h(1, 7).cpu(), vec)
     # decode positions were not overwritten
-    assert not torch.allclose(traces[0].h(1, 8), vec)
+    assert not torch.allclose(traces[0].h(1, 8).cpu(), vec)
 
 
 def test_non_finite_is_reported_with_model_and_dtype():
