@@ -83,16 +83,17 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _teacher_forced(
-    lm: LoadedModel, caps: Sequence[CellCapture], role: str, prompt_traces: dict, *, host: bool, depth: int,
+    lm: LoadedModel, jobs: Sequence[tuple[CellCapture, str]], prompt_traces: dict, *, host: bool, depth: int,
     batch_size: int,
 ) -> list[Trace]:
-    """Traces of role prompt + ref (11 tokens for a host, 2 otherwise), continuing the prompts' traces."""
+    """Traces of role prompt + ref (11 tokens for a host, 2 otherwise), continuing the prompts' traces;
+    `jobs` are (capture, role) pairs, of any roles that share `host` and `depth`: one forward for all."""
     k = REF_TOKENS - 1 if host else 2  # hosts carry every KL window; others reach g2
     traces = []
-    for chunk in _batches(caps, batch_size):
+    for chunk in _batches(jobs, batch_size):
         rows = [
             Row(c.ref[:k], prefix=prompt_traces[c.prompts[role].ids], start=len(c.prompts[role].ids))
-            for c in chunk
+            for c, role in chunk
         ]
         out = run_rows(
             lm, rows, depth=depth, capture=True, keep_kv=host,
@@ -177,13 +178,15 @@ def capture_cells(
     decoded = {id(c) for c in fresh}
     todo[full] = [c for c in todo[full] if id(c) not in decoded]
 
-    for role in roles:
-        host = role in hosts
+    # the other roles teacher-force the ref: hosts (11 tokens, full depth) in one set of forwards, the rest
+    # (2 tokens) in another, every role's rows together (forwards this small cost mostly weight reads)
+    for host in (True, False):
         d = n_layers if host else depth
-        if not todo[role]:
+        jobs = [(c, role) for role in roles if (role in hosts) == host for c in todo[role]]
+        if not jobs:
             continue
-        traces = _teacher_forced(lm, todo[role], role, prompt_traces, host=host, depth=d, batch_size=batch_size)
-        for c, t in zip(todo[role], traces, strict=True):
+        traces = _teacher_forced(lm, jobs, prompt_traces, host=host, depth=d, batch_size=batch_size * 4)
+        for (c, role), t in zip(jobs, traces, strict=True):
             if c.depth(role) >= d and role in c.logp:
                 c.traces[role] = t  # only the trace was missing: keep the stored residuals
             else:

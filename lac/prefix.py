@@ -82,21 +82,19 @@ def prefix_traces(
 
     level = roots
     while level:
-        by_depth: dict[int, list[_Node]] = {}
-        for node in level:
-            by_depth.setdefault(node.depth, []).append(node)
-        for depth, nodes in by_depth.items():
-            for chunk in _chunks(sorted(nodes, key=lambda n: n.end - n.start), max_tokens):
-                rows = [
-                    Row(list(n.ids[n.start :]), prefix=n.parent.trace if n.parent else None, start=n.start)
-                    for n in chunk
-                ]
-                out = run_rows(
-                    lm, rows, depth=depth, capture=True, keep_kv=True,
-                    logp_at=[[n.end - n.start - 1] if n.logp_last else [] for n in chunk],
-                )
-                for n, t in zip(chunk, out, strict=True):
-                    n.trace = t
+        # one forward per chunk of the level, as deep as its deepest node: a few blocks run past a
+        # shallow node's depth, but on CPU a forward of few rows costs mostly its weight reads
+        for chunk in _chunks(sorted(level, key=lambda n: n.end - n.start), max_tokens):
+            rows = [
+                Row(list(n.ids[n.start :]), prefix=n.parent.trace if n.parent else None, start=n.start)
+                for n in chunk
+            ]
+            out = run_rows(
+                lm, rows, depth=max(n.depth for n in chunk), capture=True, keep_kv=True,
+                logp_at=[[n.end - n.start - 1] if n.logp_last else [] for n in chunk],
+            )
+            for n, t in zip(chunk, out, strict=True):
+                n.trace = t
         level = [c for n in level for c in n.children]
 
     return {s: _join(last[s], wants[s]) for s in seqs}

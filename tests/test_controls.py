@@ -277,3 +277,24 @@ def test_attn_persona_equals_hf_output_attentions(arch):
         torch.testing.assert_close(values["attn_persona_window"], float(on_span[:, w : w + 10].mean()),
                                    rtol=1e-4, atol=1e-6)
     assert max(v["attn_persona"] for *_, v in got) > 0.01
+
+
+def test_teacher_forced_roles_share_one_forward(monkeypatch):
+    """BB, XB and BY continue the reference together: one forward for every cell and role (on CPU a
+    forward of two-token rows costs its weight reads, not its rows); their residuals stay exact."""
+    import lac.capture as capture
+
+    lm = tiny_model("qwen2")
+    calls = []
+    real = capture.run_rows
+    monkeypatch.setattr(capture, "run_rows", lambda lm_, rows, **kw: (calls.append(len(rows)), real(lm_, rows, **kw))[1])
+    needs = roles_needed([get_intervention("additive")])
+    caps = capture_cells(lm, Book(), CELLS, roles=needs.roles, hosts=needs.hosts, batch_size=len(CELLS))
+    assert calls == [3 * len(CELLS)]
+    for cap in caps:
+        for role in ("BB", "XB", "BY"):
+            ids = list(cap.prompts[role].ids) + cap.ref[:2]
+            h = _hidden(lm, ids)
+            for site in ("p_last", "g1", "g2"):
+                torch.testing.assert_close(cap.h(role, site, 1), h[1][0, cap.pos(role, site)].float().cpu(),
+                                           atol=1e-5, rtol=1e-5)

@@ -35,6 +35,9 @@ def test_prefix_traces_equal_plain_forwards(arch):
     traces = prefix_traces(lm, wants)
     distinct = len({s[:k] for s in seqs for k in range(1, len(s) + 1)})
     assert COUNTS["tokens"] - before["tokens"] == distinct  # every distinct prefix position fed once
+    # three tree levels (header and the odd prompt | persona | task): one forward each, though the
+    # nodes of a level want different depths (a level costs its weight reads, not its rows)
+    assert COUNTS["forwards"] - before["forwards"] == 3
     for s, w in wants.items():
         t = traces[s]
         out = _plain(lm, list(s))
