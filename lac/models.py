@@ -139,8 +139,30 @@ def load_model(cfg, tokenizer=None) -> LoadedModel:
     model.to(device).eval()
     model.requires_grad_(False)
     lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device)
-    check_head(lm)
+    memo = _head_memo(lm)
+    if not memo.is_file():  # two full forwards (~1 s on CPU for 0.5B): once per model config and version
+        check_head(lm)
+        try:
+            from lac.io import atomic_write_bytes
+
+            atomic_write_bytes(memo, b"check_head passed\n")
+        except OSError as e:  # a read-only cache: the check simply runs again next time
+            log.debug("cannot remember check_head in %s: %s", memo, e)
     return lm
+
+
+def _head_memo(lm: LoadedModel) -> Path:
+    """Where a passed `check_head` is remembered: it depends on the model's class and config (its
+    forward's post-processing), the library versions and the device type, not on its weights."""
+    import hashlib
+
+    import transformers
+
+    from lac.embedded import cache_root
+
+    blob = json.dumps([type(lm.model).__name__, lm.model.config.to_dict(), transformers.__version__,
+                       torch.__version__, lm.device.type, str(lm.dtype)], sort_keys=True, default=str)
+    return cache_root() / "checks" / f"head-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?")

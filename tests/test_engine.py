@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -148,6 +150,32 @@ def test_head_check_refuses_unknown_logit_processing():
     lm.model.config.final_logit_softcapping = 0.5  # lac would softcap, Qwen2's forward does not
     with pytest.raises(ValueError, match="post-processes its logits"):
         check_head(lm)
+
+
+def test_head_check_runs_once_per_model_config(tmp_path, monkeypatch):
+    """load_model remembers a passed check_head (per class, config, versions, device) in the cache;
+    a model whose config changes its logit processing is checked, and refused, again."""
+    from omegaconf import OmegaConf
+
+    import lac.models as models
+    from tests.tiny import StubTokenizer
+
+    monkeypatch.setenv("LAC_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_model("qwen2").model.save_pretrained(tmp_path / "m")
+    cfg = OmegaConf.create({"name": "tiny", "source": "hub", "id": str(tmp_path / "m"), "dtype": "float32",
+                            "device": "cpu", "attn_implementation": "eager"})
+    calls = []
+    real = models.check_head
+    monkeypatch.setattr(models, "check_head", lambda lm: (calls.append(lm.name), real(lm)))
+    models.load_model(cfg, StubTokenizer())
+    models.load_model(cfg, StubTokenizer())
+    assert calls == ["tiny"]
+    assert len(list((tmp_path / "cache" / "checks").glob("head-*"))) == 1
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.5}))
+    with pytest.raises(ValueError, match="post-processes its logits"):
+        models.load_model(cfg, StubTokenizer())
+    assert calls == ["tiny", "tiny"]
 
 
 def test_start_layer_skips_lower_blocks():
