@@ -182,10 +182,11 @@ def capture_cells(
     # (2 tokens) in another, every role's rows together (forwards this small cost mostly weight reads)
     for host in (True, False):
         d = n_layers if host else depth
-        jobs = [(c, role) for role in roles if (role in hosts) == host for c in todo[role]]
+        group = [role for role in roles if (role in hosts) == host]
+        jobs = [(c, role) for role in group for c in todo[role]]
         if not jobs:
             continue
-        traces = _teacher_forced(lm, jobs, prompt_traces, host=host, depth=d, batch_size=batch_size * 4)
+        traces = _teacher_forced(lm, jobs, prompt_traces, host=host, depth=d, batch_size=batch_size * len(group))
         for (c, role), t in zip(jobs, traces, strict=True):
             if c.depth(role) >= d and role in c.logp:
                 c.traces[role] = t  # only the trace was missing: keep the stored residuals

@@ -389,7 +389,7 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
         if lm.n_layers != spec.n_layers:
             raise ConfigError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
         on_loaded()
-        _import_in_background("lightning.pytorch")  # ~3 s of imports, beside the clean captures (GIL-free torch)
+        _import_in_background("lightning.pytorch")  # ~1.5 s of imports, beside the clean captures (GIL-free torch)
         torch.manual_seed(0)
         _predict(lm, spec, cells, store, cfg, ctx)
     df, gens, got = store.read_parts()
