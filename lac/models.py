@@ -44,8 +44,8 @@ class LoadedModel:
         """Float32 logits from final (normed) hidden states: the output head, softcapped on Gemma-2."""
         out = self.model.get_output_embeddings()(h)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            out = torch.tanh(out / cap) * cap
+        if cap:  # in place on the head's fresh output (same bits as tanh(out / cap) * cap, no new tensors)
+            out = out.div_(cap).tanh_().mul_(cap)
         return out.float()
 
 

@@ -258,3 +258,23 @@ def test_impossible_logp_at_is_refused_naming_what_was_asked():
         run_rows(lm, [row], logp_at=[[0], [1]])
     out = run_rows(lm, [row], start_layer=2, logp_at=[[0, 3]])[0]
     assert sorted(out.logp) == [5, 8]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_log_probs_written_in_place_are_bitwise_torch_log_softmax(arch):
+    """The CPU path overwrites the head's fresh output (softcap, then log_softmax) to spare page faults:
+    it must give exactly torch's out-of-place values, and never touch a tensor it was not given fresh."""
+    from lac.engine import log_softmax_fresh
+
+    lm = tiny_model(arch)
+    h = torch.randn(7, 64, generator=torch.Generator().manual_seed(5)).to(lm.device) * 30
+    with torch.inference_mode():
+        z = lm.model.get_output_embeddings()(h).float()
+        cap = getattr(lm.model.config, "final_logit_softcapping", None)
+        expect = torch.log_softmax(torch.tanh(z / cap) * cap if cap else z, dim=-1)
+        logits = lm.logits(h)
+        assert torch.equal(logits, torch.tanh(z / cap) * cap if cap else z)
+        got = log_softmax_fresh(logits)
+    assert torch.equal(got, expect)
+    if lm.device.type == "cpu":
+        assert got.data_ptr() == logits.data_ptr()  # no second [positions, vocab] tensor
