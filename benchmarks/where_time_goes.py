@@ -64,15 +64,36 @@ def timed(model) -> tuple[dict[str, float], dict[str, float], list]:
         weights = matmul_weights(module)
 
         def pre(mod, args, kwargs, k=k, weights=weights):
+            if getattr(mod, "_lac_inside", False):  # the head inside lm.logits: timed there
+                return
             x = args[0] if args else kwargs["hidden_states"]
             flops[k] += 2.0 * (x.numel() // x.shape[-1]) * weights
             mod._lac_t0 = time.perf_counter()
 
         def post(mod, args, out, k=k):
-            spent[k] += time.perf_counter() - mod._lac_t0
+            if not getattr(mod, "_lac_inside", False):
+                spent[k] += time.perf_counter() - mod._lac_t0
 
         handles += [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
     return spent, flops, handles
+
+
+def time_logits(lm, spent: dict, flops: dict) -> None:
+    """The engine's own head calls (lm.logits) count as "lm head" too: with `into=` they run torch.mm
+    on the head's weight, which no module hook sees (the decode's head runs inside HF's forward)."""
+    head, own = lm.model.get_output_embeddings(), lm.logits
+
+    def logits(h, into=None):
+        head._lac_inside = True
+        t = time.perf_counter()
+        try:
+            return own(h, into=into)
+        finally:
+            spent["lm head"] += time.perf_counter() - t
+            flops["lm head"] += 2.0 * (h.numel() // h.shape[-1]) * head.weight.numel()
+            head._lac_inside = False
+
+    lm.logits = logits
 
 
 def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
@@ -107,6 +128,7 @@ def main(argv=None) -> int:
     reset_lac()
     peak0 = matmul_peak()
     spent, flops, handles = timed(lm.model)
+    time_logits(lm, spent, flops)
     load0 = loadavg()
     t0 = time.perf_counter()
     book = PromptBook(lm.tokenizer, spec.grid)

@@ -151,6 +151,7 @@ def run_rows(
     capture_from: int = 0,
     logp_at: Sequence[Sequence[int]] | None = None,
     keep_kv: bool = False,
+    scratch_logp: bool = False,
 ) -> list[Trace]:
     """Run a batch of rows once; see the module docstring.
 
@@ -160,8 +161,9 @@ def run_rows(
     tokens from local index `capture_from` on. logp_at: per row, local indices of
     new tokens whose next-token log-probs are returned (the head runs on those
     positions only); asking for any with depth < n_layers, or for an index outside
-    a row's new tokens, raises ValueError. start_layer > 0 needs every row to have a prefix trace
-    holding the clean block input at that layer for the new positions.
+    a row's new tokens, raises ValueError. scratch_logp: those log-probs may live in a buffer
+    the next scratch call overwrites (for callers that read them at once, like KL). start_layer > 0
+    needs every row to have a prefix trace holding the clean block input at that layer for the new positions.
     """
     model, device, dtype = lm.model, lm.device, lm.dtype
     n_layers = lm.n_layers
@@ -247,7 +249,7 @@ def run_rows(
             last = getattr(model, model.base_model_prefix)(**kwargs).last_hidden_state
         except StopForward:
             last = None
-        logp = _log_probs(lm, last, logp_at) if logp_at is not None and depth == n_layers else {}
+        logp = _log_probs(lm, last, logp_at, scratch=scratch_logp) if logp_at is not None and depth == n_layers else {}
 
     traces = []
     for b, r in enumerate(rows):
@@ -299,14 +301,20 @@ def log_softmax_fresh(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def _log_probs(lm: LoadedModel, last: torch.Tensor, logp_at: Sequence[Sequence[int]], chunk: int = 512) -> dict:
-    """Next-token log-probs at (row, local index) pairs: the head runs on those positions only."""
+def _log_probs(
+    lm: LoadedModel, last: torch.Tensor, logp_at: Sequence[Sequence[int]], chunk: int = 512, scratch: bool = False,
+) -> dict:
+    """Next-token log-probs at (row, local index) pairs: the head runs on those positions only.
+    scratch: on the CPU in float32, written into the model's reused buffer (`LoadedModel.scratch_logits`)."""
     where = [(b, j) for b, cols in enumerate(logp_at) for j in cols]
     out: dict[int, dict[int, torch.Tensor]] = {}
+    buf = None
+    if scratch and lm.device.type == "cpu" and last.dtype == torch.float32 and where:
+        buf = lm.scratch_logits(len(where))
     for i in range(0, len(where), chunk):
         part = where[i : i + chunk]
         h = last[torch.tensor([b for b, _ in part]), torch.tensor([j for _, j in part])]
-        lp = log_softmax_fresh(lm.logits(h))
+        lp = log_softmax_fresh(lm.logits(h, into=None if buf is None else buf[i : i + len(part)]))
         check_finite(lp.sum(-1), lm, "logits")  # float32 sums of values in [-1e4, 0]: NaN/inf survive, cheaply
         for (b, j), v in zip(part, lp, strict=True):
             out.setdefault(b, {})[j] = v

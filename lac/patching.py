@@ -77,7 +77,7 @@ def kl_rows(
             chunk = items[i : i + size]
             traces = run_rows(
                 lm, [r for _, _, r, _ in chunk], start_layer=start_layer,
-                logp_at=[range(offset, offset + WINDOW)] * len(chunk),
+                logp_at=[range(offset, offset + WINDOW)] * len(chunk), scratch_logp=True,  # read at once below
             )
             for (cap, job, _, first), t in zip(chunk, traces, strict=True):
                 record(cap, job, _window(t.logp, first))

@@ -278,3 +278,25 @@ def test_log_probs_written_in_place_are_bitwise_torch_log_softmax(arch):
     assert torch.equal(got, torch.log_softmax(capped, dim=-1))
     if lm.device.type == "cpu":
         assert got.data_ptr() == logits.data_ptr()  # no second [positions, vocab] tensor
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scratch_log_probs_have_the_same_bits_and_reuse_one_buffer(arch):
+    """The KL path's log-probs go into one reused buffer (torch.mm into it instead of the head's own
+    Linear): exactly the values of a plain run_rows, and a second forward writes the same memory."""
+    lm = tiny_model(arch)
+    rows = [Row(ids) for ids in _seqs([9, 6, 11])]
+    at = [range(2, 6), range(0, 6), range(5, 11)]
+    plain = run_rows(lm, rows, logp_at=at)
+    first = run_rows(lm, rows, logp_at=at, scratch_logp=True)
+    for p, s in zip(plain, first, strict=True):
+        assert p.logp.keys() == s.logp.keys()
+        for j in p.logp:
+            assert torch.equal(p.logp[j], s.logp[j]), (arch, j)
+    if lm.device.type != "cpu" or lm.dtype != torch.float32:
+        return
+    buf = lm.head_out
+    assert buf is not None and first[0].logp[2].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    again = run_rows(lm, rows[:2], logp_at=at[:2], scratch_logp=True)  # fewer positions: the same buffer
+    assert lm.head_out is buf and again[0].logp[2].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    assert torch.equal(again[1].logp[3], plain[1].logp[3])
