@@ -305,12 +305,10 @@ def _log_probs(
     lm: LoadedModel, last: torch.Tensor, logp_at: Sequence[Sequence[int]], chunk: int = 512, scratch: bool = False,
 ) -> dict:
     """Next-token log-probs at (row, local index) pairs: the head runs on those positions only.
-    scratch: on the CPU in float32, written into the model's reused buffer (`LoadedModel.scratch_logits`)."""
+    scratch: written into the model's reused buffer where it has one (`LoadedModel.scratch_logits`)."""
     where = [(b, j) for b, cols in enumerate(logp_at) for j in cols]
     out: dict[int, dict[int, torch.Tensor]] = {}
-    buf = None
-    if scratch and lm.device.type == "cpu" and last.dtype == torch.float32 and where:
-        buf = lm.scratch_logits(len(where))
+    buf = lm.scratch_logits(len(where)) if scratch and where else None
     for i in range(0, len(where), chunk):
         part = where[i : i + chunk]
         h = last[torch.tensor([b for b, _ in part]), torch.tensor([j for _, j in part])]

@@ -45,20 +45,30 @@ class LoadedModel:
         """Float32 logits from final (normed) hidden states: the output head, softcapped on Gemma-2.
         into: a float32 [rows, vocab] tensor to write them in, where the head is a plain bias-free Linear
         in float32 (torch.mm's out=: the same kernel and bits as the Linear, tests/test_engine.py)."""
-        head = self.model.get_output_embeddings()
-        if into is not None and type(head) is nn.Linear and head.bias is None and h.dtype == torch.float32:
-            out = torch.mm(h, head.weight.t(), out=into)
+        plain = self._plain_head() if into is not None and h.dtype == torch.float32 else None
+        if plain is not None:
+            out = torch.mm(h, plain.weight.t(), out=into)
         else:
-            out = head(h)
+            out = self.model.get_output_embeddings()(h)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap:  # in place on the head's fresh output (same bits as tanh(out / cap) * cap, no new tensors)
             out = out.div_(cap).tanh_().mul_(cap)
         return out.float()
 
-    def scratch_logits(self, rows: int) -> torch.Tensor:
+    def _plain_head(self) -> nn.Linear | None:
+        """The output head where torch.mm on its weight is the head (a bias-free float32 Linear), else None."""
+        head = self.model.get_output_embeddings()
+        plain = type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
+        return head if plain else None
+
+    def scratch_logits(self, rows: int) -> torch.Tensor | None:
         """A [rows, vocab] float32 CPU buffer kept across calls: a fresh one of a few hundred MB costs page
-        faults on every forward (measured: the head's matmul runs ~15-20% faster into a warm buffer)."""
-        vocab = self.model.get_output_embeddings().weight.shape[0]
+        faults on every forward (measured: the head's matmul runs ~15-20% faster into a warm buffer).
+        None where `logits` could not write into it (not on the CPU, or not a plain float32 head)."""
+        head = self._plain_head()
+        if self.device.type != "cpu" or head is None:
+            return None
+        vocab = head.weight.shape[0]
         if self.head_out is None or self.head_out.shape[0] < rows or self.head_out.shape[1] != vocab:
             self.head_out = None  # the old one is freed before the new one is made
             self.head_out = torch.empty((rows, vocab), dtype=torch.float32)
