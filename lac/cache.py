@@ -51,6 +51,7 @@ def capture_key(lm: LoadedModel, grid: Grid) -> str:
         "name_or_path": getattr(cfg, "_name_or_path", ""),
         "config": {k: v for k, v in sorted(cfg.to_dict().items()) if isinstance(v, (int, float, str, bool))},
         "dtype": str(lm.dtype),
+        "linear": lm.linear,
         "attn": getattr(cfg, "_attn_implementation", None),
         "template": hashlib.sha256(str(getattr(lm.tokenizer, "chat_template", "")).encode()).hexdigest(),
         "grid": grid.content_hash(),

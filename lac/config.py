@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lac import kernels
 from lac.errors import LacError
 from lac.grid import Grid, grid_from_mapping, load_grid, with_partners
 from lac.interventions import INTERVENTIONS, NEEDS_ALPHA, Intervention, Job, get_intervention
@@ -150,8 +151,7 @@ def build_spec(cfg: DictConfig) -> Spec:
 
         if m.get("embedded") not in EMBEDDED:
             raise ConfigError(f"model.embedded={m.get('embedded')!r}; allowed: {', '.join(EMBEDDED)}")
-    resolve_dtype(m.dtype)
-    resolve_device(m.device)
+    kernels.resolve(m.get("linear", "auto"), resolve_dtype(m.dtype), resolve_device(m.device))
     for name in ("batch_cells", "capture_cells", "max_rows"):
         value = cfg.get("engine", {}).get(name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from lac import kernels
 from lac.errors import LacError
 
 log = logging.getLogger("lac.models")
@@ -31,6 +32,7 @@ class LoadedModel:
     tokenizer: Any
     dtype: torch.dtype
     device: torch.device
+    linear: str = "torch"  # the Linears' kernel on the CPU: "torch" (HF's own) or "onednn" (lac.kernels)
     head_out: torch.Tensor | None = field(default=None, repr=False)  # reused logits buffer (`scratch_logits`)
 
     @property
@@ -164,7 +166,10 @@ def load_model(cfg, tokenizer=None) -> LoadedModel:
     )
     model.to(device).eval()
     model.requires_grad_(False)
-    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device)
+    linear = kernels.resolve(cfg.get("linear", "auto"), dtype, device)
+    if linear == "onednn":
+        kernels.use_onednn(model)
+    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device, linear=linear)
     memo = _head_memo(lm)
     if not memo.is_file():  # two full forwards (0.7-1.6 s on CPU for 0.5B): once per model config and version
         from lac.io import atomic_write_bytes
@@ -187,7 +192,7 @@ def _head_memo(lm: LoadedModel) -> Path:
     from lac.embedded import cache_root
 
     blob = json.dumps([type(lm.model).__name__, lm.model.config.to_dict(), transformers.__version__,
-                       torch.__version__, lm.device.type, str(lm.dtype)], sort_keys=True, default=str)
+                       torch.__version__, lm.device.type, str(lm.dtype), lm.linear], sort_keys=True, default=str)
     return cache_root() / "checks" / f"head-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 

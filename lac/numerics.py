@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-NUMERICS_VERSION = 2  # 1: lac up to the "trust" work (implicit); 2: first explicit version
+# 1: lac up to the "trust" work (implicit); 2: first explicit version; 3: CPU float32 Linears run
+# oneDNN's kernel by default (lac/kernels.py; a model config without `linear` keeps its job key)
+NUMERICS_VERSION = 3
 PAPER = ("clean", "additive", "remove_x", "host_none", "host_oracle", "host_additive", "bare")
 FINGERPRINT_FILE = Path(__file__).parent / "data" / "numerics.json"
 

@@ -82,6 +82,16 @@ REF_KL_RTOL, REF_KL_ATOL = 5e-2, 3e-6
 # (v16) between lac's summaries and the JSON's (another CPU); 1e-5 keeps >4x headroom while the
 # values differ across layers and sites by >1e-2.
 GEOMETRY_ATOL = 1e-5
+# Geometry against the scripts' JSON, made with MKL's float32 kernels, while lac's CPU default is
+# oneDNN's (lac/kernels.py): the two round differently. Measured on v15 against a float64 run of the
+# same job: at layer 1 (Inter = dXY - dX - dY after one block cancels almost everything) per-cell
+# geometry is off by up to 7.4e-5 with MKL and 9.6e-5 with oneDNN, at layers >= 6 by <= 1e-5 with
+# either. So float32 geometry is good to ~1e-4 at layer 1 and ~1e-5 deeper; the JSON agreed with
+# lac to 2e-6 only while both ran the same kernel. 2e-4 / 3e-5 keep 2-3x headroom over the
+# worst measured summary deviation (7.3e-5 at layer 1, 1.0e-5 deeper); the values still differ
+# across layers and sites by > 1e-2.
+def ref_geometry_atol(layer: int) -> float:
+    return 2e-4 if layer <= 1 else 3e-5
 
 
 def kl_close(got: float, want: float, *, rtol: float = KL_RTOL, atol: float = KL_ATOL) -> bool:

@@ -31,6 +31,7 @@ from tests.conftest import (
     assert_geometry_close,
     assert_kl_close,
     compose,
+    ref_geometry_atol,
 )
 
 slow = pytest.mark.slow  # runs the embedded model
@@ -205,7 +206,7 @@ def _check_against_script(df: pd.DataFrame, ref: dict, n_kl: int) -> None:
         p25, med, p75 = np.percentile(v, [25, 50, 75])
         for stat, got, w in (("median", med, want["median"]), ("p25", p25, want["iqr"][0]), ("p75", p75, want["iqr"][1]),
                              ("min", v.min(), want["min"]), ("max", v.max(), want["max"])):
-            assert_geometry_close(got, w, (metric, site, layer, stat))
+            assert_geometry_close(got, w, (metric, site, layer, stat), atol=ref_geometry_atol(int(layer)))
 
 
 @slow

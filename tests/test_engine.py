@@ -9,7 +9,7 @@ import torch
 
 from lac.engine import COUNTS, Row, check_finite, decode, greedy, run_rows
 from lac.models import check_head
-from tests.tiny import tiny_model
+from tests.tiny import LINEARS, tiny_model
 
 ARCHS = ["gemma2", "qwen2", "llama"]
 
@@ -56,8 +56,9 @@ def test_hidden_states_L_is_block_L_input(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_padded_capture_equals_single_prompt(arch):
-    lm = tiny_model(arch)
+@pytest.mark.parametrize("linear", LINEARS)
+def test_batched_padded_capture_equals_single_prompt(arch, linear):
+    lm = tiny_model(arch, linear=linear)
     seqs = _seqs([13, 7, 10])  # longer than the tiny Gemma-2 sliding window (6)
     traces = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True, logp_at=[[len(s) - 1] for s in seqs])
     for s, t in zip(seqs, traces, strict=True):
@@ -71,9 +72,10 @@ def test_batched_padded_capture_equals_single_prompt(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("start_layer", [0, 2])
-def test_prefix_reuse_with_patches_equals_plain(arch, start_layer):
+@pytest.mark.parametrize("linear", LINEARS)
+def test_prefix_reuse_with_patches_equals_plain(arch, start_layer, linear):
     """Rows continue differently long clean prefixes, each with its own multi-layer patches."""
-    lm = tiny_model(arch)
+    lm = tiny_model(arch, linear=linear)
     seqs = _seqs([15, 11, 19])
     clean = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True)
     g = torch.Generator().manual_seed(3)
@@ -94,9 +96,10 @@ def test_prefix_reuse_with_patches_equals_plain(arch, start_layer):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("start_layer", [0, 2])
-def test_rows_of_different_prefix_and_new_lengths_share_a_forward(arch, start_layer):
+@pytest.mark.parametrize("linear", LINEARS)
+def test_rows_of_different_prefix_and_new_lengths_share_a_forward(arch, start_layer, linear):
     """Right-padded new tokens after left-padded prefixes: each row equals its own plain forward."""
-    lm = tiny_model(arch, seed=4)
+    lm = tiny_model(arch, seed=4, linear=linear)
     seqs = _seqs([17, 12, 20, 9], seed=8)
     clean = run_rows(lm, [Row(s) for s in seqs], capture=True, keep_kv=True)
     cuts = [(9, 17), (4, 12), (11, 14), (2, 9)]  # (start, end): prefix and new lengths all differ
@@ -122,9 +125,10 @@ def test_rows_of_different_prefix_and_new_lengths_share_a_forward(arch, start_la
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_decode_continues_traces_like_generate(arch):
+@pytest.mark.parametrize("linear", LINEARS)
+def test_decode_continues_traces_like_generate(arch, linear):
     """Traces of different lengths (one built from a shared prefix) decode as `generate` would."""
-    lm = tiny_model(arch, seed=2)
+    lm = tiny_model(arch, seed=2, linear=linear)
     seqs = _seqs([10, 15, 7], seed=5)
     head = run_rows(lm, [Row(seqs[1][:6])], keep_kv=True)[0]
     traces = run_rows(lm, [Row(seqs[0]), Row(seqs[1][6:], prefix=head, start=6), Row(seqs[2])], capture=True,
@@ -188,8 +192,9 @@ def test_start_layer_skips_lower_blocks():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_equals_generate_patched_and_unpatched(arch):
-    lm = tiny_model(arch, seed=5)
+@pytest.mark.parametrize("linear", LINEARS)
+def test_greedy_equals_generate_patched_and_unpatched(arch, linear):
+    lm = tiny_model(arch, seed=5, linear=linear)
     seqs = _seqs([9, 14, 6], seed=7)
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2)) * 3
     patches = [[], [(1, 13, vec)], [(2, 5, vec)]]  # at each prompt's last token, prompt pass only

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from lac import kernels
 from lac.models import LoadedModel, check_head
 
 
@@ -18,9 +19,12 @@ class StubTokenizer:
 
 # LAC_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (lac's device handling; CI has none)
 DEVICE = torch.device(os.environ.get("LAC_TEST_DEVICE", "cpu"))
+# the CPU Linear kernels the engine tests run with (oneDNN where this torch and CPU have it)
+LINEARS = ["torch"] + (["onednn"] if kernels.onednn_missing(torch.float32, DEVICE) is None else [])
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, linear: str = "torch") -> LoadedModel:
+    """linear="onednn": its Linears run oneDNN's kernel, as `load_model` sets up a CPU float32 model."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -50,6 +54,8 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
     model.to(device=DEVICE, dtype=dtype).eval()
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
-    lm = LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, DEVICE)
+    if linear == "onednn":
+        kernels.use_onednn(model)
+    lm = LoadedModel(f"tiny-{arch}", f"tiny-{arch}", model, StubTokenizer(), dtype, DEVICE, linear=linear)
     check_head(lm)
     return lm
