@@ -5,8 +5,8 @@ torch's float32 Linear calls MKL's sgemm there. Its small-row kernel is slow (a
 third of the FLOP rate of a 360-row call), and a row's bits depend on how many
 rows share the call. oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, on
 the plain weight: nothing is copied or packed) gives each row the same bits
-whatever the batch and thread count, and ran the embedded Qwen's shapes 1.2-2.5x
-faster (benchmarks/README.md). Its numbers differ from MKL's by float32 rounding.
+whatever the batch and thread count, and ran the embedded Qwen's shapes 1.1-2.6x
+faster, most at few rows (README "Speed"). Its numbers differ from MKL's by float32 rounding.
 
 `model.linear`: auto (oneDNN for float32 on x86-64 CPUs where torch has it,
 else torch), onednn (required: an error where it cannot run), torch (HF's own).
@@ -64,10 +64,12 @@ def check_choice(choice: object) -> str:
 
 def resolve(choice: str, dtype: torch.dtype, device: torch.device) -> str:
     """The kernel a job runs: 'onednn' or 'torch'."""
-    why = onednn_missing(dtype, device) if check_choice(choice) != "torch" else None
-    if choice == "onednn" and why:
+    if check_choice(choice) == "torch":
+        return "torch"
+    why = onednn_missing(dtype, device)
+    if why and choice == "onednn":
         raise LacError(f"model.linear=onednn cannot run: {why}; use model.linear=auto or torch")
-    return "torch" if choice == "torch" or why else "onednn"
+    return "torch" if why else "onednn"
 
 
 def use_onednn(model: nn.Module) -> int:
