@@ -223,7 +223,7 @@ def unflat(data: dict) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- lac's numbers
 
 
-def lac_in_process(grid_name: str, n_cells: int = 0) -> tuple:
+def lac_in_process(grid_name: str, n_cells: int = 0, linear: str = "auto") -> tuple:
     """lac's KL and geometry of the same protocol, as a job computes them (cold, no disk cache)."""
     from hydra import compose, initialize_config_dir
 
@@ -234,7 +234,7 @@ def lac_in_process(grid_name: str, n_cells: int = 0) -> tuple:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["tracker=none", f"grid={grid_name}", "site=transition",
-                                           f"layer={LAC_LAYER[grid_name]}"])
+                                           f"layer={LAC_LAYER[grid_name]}", f"model.linear={linear}"])
     spec = build_spec(cfg)
     lm = get_model(cfg.model)
     cells = spec.grid.cells()[: n_cells or None]
@@ -355,8 +355,8 @@ def main_check(args) -> int:
     print(f"peer done in {peer_s:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in res["phases_s"].items()),
           flush=True)
     t0 = time.perf_counter()
-    lac_kl, lac_geo, lac_refs, lm = lac_in_process(args.grid, args.cells)
-    print(f"lac done in {time.perf_counter() - t0:.1f} s", flush=True)
+    lac_kl, lac_geo, lac_refs, lm = lac_in_process(args.grid, args.cells, args.lac_linear)
+    print(f"lac ({lm.linear} Linears) done in {time.perf_counter() - t0:.1f} s", flush=True)
     cmp = compare_numbers(res["kl"], res["geometry"], lac_kl, lac_geo)
     same_refs = sum(res["refs"][k] == lac_refs.get(k) for k in res["refs"])
     print(f"XY references identical: {same_refs}/{len(res['refs'])} cells")
@@ -385,6 +385,7 @@ def main_check(args) -> int:
 
 _LAC_TIME = re.compile(r"time: (?P<total>[\d.]+) s = (?P<terms>.*)$", re.M)
 _LAC_TERM = re.compile(r"^(?P<name>.+?) (?P<value>[\d.]+) s\b")
+_LAC_LINEAR = re.compile(r"loaded \S+ \(.*, (?P<linear>\w+) Linears\) in")
 _LAC_LOAD = re.compile(r"loaded \S+ \(.*\) in (?P<load>[\d.]+) s")
 
 
@@ -445,7 +446,7 @@ def main_compare(args) -> int:
         if args.threads:
             peer_cmd += ["--threads", str(args.threads)]
         lac_cmd = [sys.executable, "-m", "lac.run", "tracker=wandb", f"grid={grid}", "site=transition",
-                   f"layer={LAC_LAYER[grid]}", f"model.device={args.device}",
+                   f"layer={LAC_LAYER[grid]}", f"model.device={args.device}", f"model.linear={args.lac_linear}",
                    f"results_root={rep / 'results'}", f"hydra.run.dir={rep / 'job'}"]
         lac_env = {**base_env, "LAC_ACTIVATIONS_DIR": str(rep / "activations"), "WANDB_DIR": str(rep)}
         order = ["peer", "lac"] if i % 2 == 0 else ["lac", "peer"]
@@ -459,6 +460,7 @@ def main_compare(args) -> int:
             else:
                 r = timed(lac_cmd, lac_env, rep / "lac.log")
                 r["phases_s"] = lac_phases(r["log"])
+                r["linear"] = m["linear"] if (m := _LAC_LINEAR.search(r["log"])) else None
             r.pop("log")
             r["order"] = order.index(side)
             runs[side].append(r)
@@ -510,6 +512,7 @@ def summarize(grid: str, runs: dict, checks: list, threads: str, peer_data: dict
         "machine": {**peer_data["machine"], "platform": platform.platform(), "processor": platform.processor(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "git": git_state(), "argv": sys.argv[1:], "refs": peer_data["refs"],
+        "lac_linear": sorted({str(r.get("linear")) for r in runs["lac"]}),  # the peer runs torch's nn.Linear
         "median_wall_s": med, "ratio_peer_over_lac": med["peer"] / med["lac"] if med["lac"] else None,
         "median_phases_s": phase_med, "runs": runs,
         "correctness": {"pass": all(c["pass"] for c in checks),
@@ -556,14 +559,17 @@ def format_table(res: dict) -> str:
         ("peak RSS (median, MiB)", f(_median([r["max_rss_mib"] for r in res["runs"]["peer"]])),
          f(_median([r["max_rss_mib"] for r in res["runs"]["lac"]]))),
         ("loadavg (1 min) before->after", load("peer"), load("lac")),
-        ("max |dKL| peer vs lac", "", f"{c['max_dkl']:.2e} ({'PASS' if c['pass'] else 'FAIL'})"),
+        ("max |dKL| peer vs lac", "", f"{c['max_dkl']:.2e} ({'PASS' if c['pass'] else 'FAIL'}"
+         + ("" if c["pass"] else f": {max(len(r['failing']) for r in c['per_repeat'])} of "
+            f"{c['per_repeat'][0]['n_kl']} KLs outside") + ")"),
         ("max |d geometry| peer vs lac", "", f"{c['max_dgeometry']:.2e}"),
     ]
     if c.get("max_dkl_peer_vs_paper_script"):
         rows.append(("max |KL_peer - paper script JSON|", f"{c['max_dkl_peer_vs_paper_script']['max_dkl']:.2e}", ""))
     head = (f"grid {res['grid']} ({res['cells']} cells), sites {'/'.join(res['sites'])}, layers "
             f"{','.join(map(str, res['layers']))}, additive; {res['repeats']} repeats, torch threads "
-            f"{res['torch_threads']}, {res['machine']['device']}; commit {res['git']['commit'][:7]}"
+            f"{res['torch_threads']}, {res['machine']['device']}; lac's Linears "
+            f"{'/'.join(res.get('lac_linear', ['?']))}, the peer's torch; commit {res['git']['commit'][:7]}"
             f"{' (dirty)' if res['git']['dirty'] else ''}")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len("(a) nnsight " + res["machine"]["nnsight"]), *(len(r[1]) for r in rows))
@@ -592,6 +598,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cells", type=int, default=0, help="--run-peer/--check: first N cells only (smoke tests)")
     ap.add_argument("--naive-cells", type=int, default=1,
                     help="--check: also compare the first N cells with lac.naive (one prompt per forward)")
+    ap.add_argument("--lac-linear", choices=("auto", "onednn", "torch"), default="auto",
+                    help="lac's model.linear: auto (oneDNN on x86-64 float32, lac's default) or torch (HF's own "
+                         "kernel, as the peer runs: bitwise the peer's numbers)")
     ap.add_argument("--keep", action="store_true", help="--compare: keep the runs' logs, JSONs and job dirs")
     args = ap.parse_args(argv)
     if args.run_peer:

@@ -58,7 +58,8 @@ def get_model(mcfg: DictConfig, tokenizer=None) -> LoadedModel:
         from lac.tracking import note_phase
 
         note_phase("model load", time.time() - t0)
-        log.info("loaded %s (%s, %s) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype, time.time() - t0)
+        log.info("loaded %s (%s, %s, %s Linears) in %.1f s", mcfg.name, mcfg.id, mcfg.dtype,
+                 _MODEL[key].linear, time.time() - t0)
     return _MODEL[key]
 
 

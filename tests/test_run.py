@@ -73,6 +73,16 @@ def test_multirun_of_two_layers_writes_two_jobs_and_wandb_runs(tmp_path):
         assert np.array_equal(got.value.to_numpy(float), df.value.to_numpy(float))
     assert log.count("loaded qwen0.5") == 1  # one process, one model load for both jobs
     assert "activation cache" in log
+    # what benchmarks/peer_nnsight.py reads from a job's log: the kernel and the closing line's phases
+    import torch
+
+    from benchmarks.peer_nnsight import _LAC_LINEAR, lac_phases
+    from lac.kernels import resolve
+
+    assert _LAC_LINEAR.search(log)["linear"] == resolve("auto", torch.float32, torch.device("cpu"))
+    phases = lac_phases(log)
+    assert {"total", "model_load", "clean_captures", "patched_steps"} <= set(phases)
+    assert 0 < phases["patched_steps"] < phases["total"]
 
     # the report of this real (tiny) sweep, end to end
     from lac.report import main as report
