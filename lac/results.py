@@ -18,20 +18,23 @@ import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from lac.io import atomic_write_bytes, atomic_write_json, locked
 from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
 from lac.stats import describe as cell_stats
 from lac.stats import layers_key
 
+if TYPE_CHECKING:  # pandas (~0.5 s to import) loads when rows exist, beside the compute (lac.runner)
+    import pandas as pd
+
 log = logging.getLogger("lac.results")
 
 
 def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Rows (dicts with the schema's columns, minus `schema`) as a typed DataFrame."""
+    import pandas as pd
+
     df = pd.DataFrame(list(rows), columns=[c for c in COLUMNS if c != "schema"])
     df["factor"] = ["" if not isinstance(v, str) else v for v in df["factor"]]  # "": about the whole design
     df["schema"] = SCHEMA_VERSION
@@ -199,6 +202,8 @@ class JobStore:
             info = json.loads(record.read_text())
             for name, sha in info["files"].items():
                 read_checked(self.dir / name, sha)
+            import pandas as pd
+
             pd.read_parquet(self.dir / "results.parquet")
             return True
         except Exception as e:
@@ -234,8 +239,14 @@ class JobStore:
         with locked(self.root / ".locks" / f"{self.key}.lock", timeout=timeout, what=f"job {self.key}"):
             yield
 
+    def has_parts(self) -> bool:
+        """Any part written yet (a fresh job reads none, and needs no pandas to start)."""
+        return self.parts.is_dir() and any(self.parts.glob("*.parquet"))
+
     def read_parts(self) -> tuple[pd.DataFrame, list[dict[str, Any]], set[str]]:
         """Rows, generation records and cell keys of every part that passes its checksum."""
+        import pandas as pd
+
         frames, gens, cells = [], [], set()
         for p in sorted(self.parts.glob("*.parquet")):
             meta = p.with_suffix(".json")

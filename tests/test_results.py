@@ -29,6 +29,31 @@ def test_parts_roundtrip_and_untrusted_parts_are_dropped(tmp_path):
     assert not (store.parts / "p3.parquet").exists()
 
 
+def test_has_parts_sees_only_written_parts(tmp_path):
+    store = JobStore(tmp_path, "k0")
+    assert not store.has_parts()  # no folder yet
+    store.claim({"a": 1})
+    assert not store.has_parts()
+    (store.parts / "p0.json").write_text('{"cells": ["d__x"], "rows": 1}')  # a record alone is no part
+    assert not store.has_parts()
+    store.write_part("p1", frame(_rows(["a__x"])), ["a__x"])
+    assert store.has_parts() and store.read_parts()[2] == {"a__x"}
+
+
+def test_a_job_starts_without_pandas():
+    """pandas (~0.5 s of imports) loads beside the compute, not before it: importing the entry point
+    and opening a fresh job store must not pull it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile; import lac.run; from lac.results import JobStore; "
+            "s = JobStore(tempfile.mkdtemp(), 'k'); s.claim({}); assert not s.has_parts(); "
+            "print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
 def test_a_folder_of_another_config_is_refused(tmp_path):
     JobStore(tmp_path, "k1").claim({"layer": 6})
     (tmp_path / "k2").mkdir()
