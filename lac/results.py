@@ -229,7 +229,7 @@ class JobStore:
 
     def discard_if_empty(self) -> None:
         """A job that failed before computing anything leaves no folder behind."""
-        if self.dir.is_dir() and not (self.dir / "done.json").exists() and not any(self.parts.glob("*.parquet")):
+        if self.dir.is_dir() and not (self.dir / "done.json").exists() and not self.has_parts():
             shutil.rmtree(self.dir, ignore_errors=True)
 
     @contextmanager

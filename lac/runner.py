@@ -379,7 +379,7 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     """Resume or start the job's cells in `store` and write its final files; returns (summary, df, gens).
     `on_loaded` runs once the model is loaded (work to overlap with the compute)."""
     store.claim(config)
-    _, _, done_cells = store.read_parts() if store.has_parts() else (None, None, set())
+    done_cells = store.read_parts()[2] if store.has_parts() else set()
     cells = [c for c in spec.grid.cells() if c.key not in done_cells]
     if done_cells:
         log.info("resuming job %s: %d cells done, %d to go", key, len(done_cells), len(cells))
