@@ -142,6 +142,10 @@ def main() -> None:
     unknown = sorted(set(jobs) - set(JOBS))
     if unknown:
         ap.error(f"unknown jobs {unknown}; allowed: {', '.join(JOBS)}")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device (the CPU half alone proves nothing)")
     out = Path(args.out)
     model_dir = out / "random-qwen0.5"
     if not (model_dir / "model.safetensors").is_file():
@@ -163,8 +167,6 @@ def main() -> None:
               f"{'PASS' if r['pass'] else 'FAIL ' + str(r.get('failed_on', ''))} |")
     result["pass"] = all(r["pass"] for r in result["jobs"].values())
     try:
-        import torch
-
         result["machine"] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     except Exception:  # noqa: BLE001 - the record is best effort

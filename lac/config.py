@@ -60,7 +60,7 @@ def n_layers_of(model_cfg: DictConfig) -> int:
     return int(found["num_hidden_layers"])
 
 
-def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
+def _layer_list(value: Any, model_cfg: DictConfig, what: str, also: tuple[str, ...] = ()) -> list[int]:
     """An int, a list, "from:L" (L..n_layers-1), or a name: paper / long (the model's grids) or a
     model.layer_sets key."""
     if isinstance(value, str) and value.startswith("from:"):
@@ -74,7 +74,7 @@ def _layer_list(value: Any, model_cfg: DictConfig, what: str) -> list[int]:
                  **dict(model_cfg.get("layer_sets") or {})}
         if named.get(value) is None:
             raise ConfigError(f"{what}={value!r}: not a layer list; allowed names for {model_cfg.name}: "
-                              f"{', '.join(k for k, v in named.items() if v is not None)}, or ints")
+                              f"{', '.join([*also, *(k for k, v in named.items() if v is not None)])}, or ints")
         value = named[value]
     if isinstance(value, (ListConfig, list, tuple)):
         out = list(value)
@@ -192,7 +192,7 @@ def build_spec(cfg: DictConfig) -> Spec:
     elif geo is None:
         geometry = layers
     else:
-        geometry = _layer_list(geo, m, "geometry_layers")
+        geometry = _layer_list(geo, m, "geometry_layers", also=("all",))
     _check_range(geometry, n, "geometry_layers", m.name)
 
     conditions = tuple(cfg.markers.conditions)

@@ -357,6 +357,10 @@ def grid_from_mapping(data: Any, name: str, where: str = "grid") -> Grid:
     if not isinstance(data, Mapping):
         raise GridError(f"{where}: a grid must be a mapping with baseline, personas, tasks (or messages and "
                         f"factors); got {type(data).__name__}")
+    known = {"name", "path", "messages", "factors", "cells", "markers", "baseline", "personas", "tasks"}
+    unknown = set(data) - known
+    if unknown:
+        raise GridError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
     factors = _factors(data, where)
     messages = _messages(data.get("messages"), where)
     slots = template_slots(messages, where)
@@ -384,10 +388,6 @@ def grid_from_mapping(data: Any, name: str, where: str = "grid") -> Grid:
             if not isinstance(m, str) or not m.strip():
                 raise GridError(f"{where}: persona {k!r} has an empty marker {m!r}; markers must be non-empty strings")
         markers[str(k)] = [str(m) for m in ms]
-    known = {"name", "path", "messages", "factors", "cells", "markers", "baseline", "personas", "tasks"}
-    unknown = set(data) - known
-    if unknown:
-        raise GridError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
     return Grid(name=name, factors=factors, messages=messages, explicit_cells=_cells(data, factors, where),
                 markers=markers)
 

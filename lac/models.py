@@ -113,6 +113,8 @@ def resolve_device(name: str) -> torch.device:
         raise LacError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LacError(f"device {name!r} asked for but torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LacError("device 'mps' asked for but torch sees no MPS device (Apple silicon with an MPS build of torch)")
     return torch.device(name)
 
 

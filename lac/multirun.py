@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lac.errors import LacError
 
@@ -62,6 +63,11 @@ class LacCallback(Callback):
         from lac.config import preflight
         from lac.runner import plan_sweep_depth
 
+        target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
+            print("lac: hydra/launcher=slurm needs SLURM's srun on PATH (a cluster's login node); on this machine "
+                  "use hydra/launcher=local or hydra/launcher=joblib; no job was started", file=sys.stderr)
+            sys.exit(2)
         loader = GlobalHydra.instance().config_loader()
         jobs = job_overrides(config)
         bad = []

@@ -8,7 +8,9 @@ reported and the sweep goes on (lac.multirun).
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -34,10 +36,20 @@ def main(cfg: DictConfig) -> None:
         if hc.mode == RunMode.MULTIRUN:
             record_failure(hc, e)
             return
+        if isinstance(e, LacError):
+            drop_if_empty(Path(hc.runtime.output_dir))
         if isinstance(e, LacError) and not full_error():
             print(f"lac: {e}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def drop_if_empty(job_dir: Path) -> None:
+    """A run refused before it logged a line leaves no outputs/DATE/TIME folder: only Hydra's
+    .hydra/ and an empty run.log would be in it."""
+    files = [p for p in job_dir.rglob("*") if p.is_file() and p.parent.name != ".hydra"]
+    if all(p.stat().st_size == 0 for p in files):
+        shutil.rmtree(job_dir, ignore_errors=True)
 
 
 def exit_now(code: object) -> None:

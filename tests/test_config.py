@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 from lac.config import ConfigError, build_spec, job_key
@@ -57,6 +58,15 @@ def test_unknown_dtype_and_device():
         resolve_dtype("tensor")  # an attribute of torch, but not a dtype
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         spec("model.device=tpu")
+    if not torch.backends.mps.is_available():  # refused in preflight, not by torch after the load
+        with pytest.raises(ValueError, match="device 'mps' asked for but torch sees no MPS device"):
+            spec("model.device=mps")
+
+
+def test_geometry_layer_names_include_all():
+    assert spec("geometry_layers=all").geometry_layers == tuple(range(24))
+    with pytest.raises(ConfigError, match="geometry_layers='al'.*allowed names for qwen0.5: all, paper, long"):
+        spec("geometry_layers=al")
 
 
 def test_unknown_site_and_mode():
@@ -93,6 +103,7 @@ def test_custom_grid_loads(tmp_path):
     (GOOD + "tasks: {other: x}\n", "duplicate key 'tasks'"),
     (GOOD.replace("{pirate: a pirate}", "{pirate: a pirate, pirate: a parrot}"), "duplicate key 'pirate'"),
     ("- just\n- a list\n", "must be a mapping"),
+    (GOOD.replace("personas:", "persona:"), r"unknown keys \['persona'\]; allowed: .*personas"),  # not "personas missing"
 ])
 def test_bad_grid_files(tmp_path, text, match):
     with pytest.raises(GridError, match=match):

@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -248,6 +249,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     out = cli(tmp_path, "tracker=none", "layer=[3,3]")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["lac: layer=[3, 3]: layer 3 is given twice; each layer at most once"]
+    assert not (tmp_path / "run").exists()  # no empty outputs/DATE/TIME folder per refused run
     full = cli(tmp_path, "tracker=none", "layer=[3,3]", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "ConfigError" in full.stderr
     hydra_own = cli(tmp_path, "tracker=none", "site=p_first")  # Hydra's config errors stay Hydra's
@@ -261,6 +263,16 @@ def test_multirun_is_validated_before_the_first_job(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("lac: job 2 (") and " layer=24)" in lines[0]
     assert lines[0].endswith("layer 24 is out of range for qwen0.5 (24 layers): allowed 0..23")
     assert lines[1] == "lac: 1 of 3 jobs cannot run; no job was started"
+
+
+@pytest.mark.skipif(shutil.which("srun") is not None, reason="a SLURM machine: the launcher is usable here")
+def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
+    out = cli(tmp_path, "-m", "hydra/launcher=slurm", "tracker=none")
+    assert out.returncode == 2 and "Traceback" not in out.log, out.log[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        "lac: hydra/launcher=slurm needs SLURM's srun on PATH (a cluster's login node); on this machine use "
+        "hydra/launcher=local or hydra/launcher=joblib; no job was started"]
+    assert not (tmp_path / "multirun").exists()
     assert not (tmp_path / "multirun").exists() and "loaded" not in out.log
 
 
