@@ -568,9 +568,20 @@ def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
     write_job(tmp_path / "b" / "0", df)  # the same sweep run twice
     out = tmp_path / "elsewhere"
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
-    assert "duplicated row" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{len(df)} duplicated row(s) with equal values" in said and "warning" not in said
     assert len(pd.read_parquet(out / "results.parquet")) == len(df)
     assert not (tmp_path / "a" / "report").exists()
+
+    changed = df.assign(value=df.value.where(df.metric != "kl", df.value + 1.0))  # re-measured KLs differ
+    write_job(tmp_path / "c" / "0", changed)
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    n_kl = int((df.metric == "kl").sum())
+    assert f"warning: {n_kl} duplicated row(s) with different values" in said
+    assert f"{len(df) - n_kl} duplicated row(s) with equal values" in said
+    kept = pd.read_parquet(out / "results.parquet")
+    assert len(kept) == len(df) and kept[kept.metric == "kl"].value.sum() == pytest.approx(changed[changed.metric == "kl"].value.sum())
 
 
 # --------------------------------------------------------------------------- refusals

@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lac.report: no readable results: {e}", file=err)
         return EXIT_NO_RESULTS
     jobs = [d for d in found.jobs if Path(d) / RESULTS_FILE not in unreadable]
-    df, n_dup = drop_duplicate_rows(df)
+    df, n_dup, n_differ = drop_duplicate_rows(df)
     if df.empty:
         print(f"lac.report: {len(jobs)} job dir(s) found but they hold no rows", file=err)
         return EXIT_NO_RESULTS
@@ -128,10 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"lac.report: {len(jobs)} job dir(s), {len(df)} rows, {len(found.incomplete)} incomplete"
         + (f", {len(unreadable)} unreadable results file(s) skipped" if unreadable else "")
     )
-    if n_dup:
-        print(
-            f"lac.report: warning: {n_dup} duplicated row(s) (same cell measured twice); kept the last"
-        )
+    if n_differ:
+        print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (same cell measured "
+              f"twice, e.g. before and after a change); kept the last")
+    if n_dup > n_differ:
+        print(f"lac.report: {n_dup - n_differ} duplicated row(s) with equal values (the same cell in two jobs) "
+              f"counted once")
     for d in found.incomplete:
         print(f"  incomplete (parts/ without results.parquet): {d}")
     print("present (model · grid · intervention · site: layer:cells):")

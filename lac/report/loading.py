@@ -182,14 +182,17 @@ def load_results(
     return out
 
 
-def drop_duplicate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the last copy of a row measured twice (e.g. a sweep run again).
+def drop_duplicate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """Keep the last copy of a row measured twice: (rows, copies dropped, of them with another value).
 
-    Two copies of one cell would count it twice in every median.
+    Two copies of one cell would count it twice in every median. Equal copies are by design (paper
+    table 4's jobs each repeat host_none and the layer-13 geometry); unequal ones mean two
+    different runs of one cell, which the report should say.
     """
     key = [c for c in COLUMNS if c not in ("value", "schema")]
     dup = df.duplicated(subset=key, keep="last")
-    return df[~dup].reset_index(drop=True), int(dup.sum())
+    differ = ~df.duplicated(subset=[*key, "value"], keep="last") & dup
+    return df[~dup].reset_index(drop=True), int(dup.sum()), int(differ.sum())
 
 
 # --------------------------------------------------------------------------- writing
