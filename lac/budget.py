@@ -19,7 +19,10 @@ from lac.models import local_config, resolve_device, resolve_dtype
 
 log = logging.getLogger("lac")
 LONG_JOB_S = 300.0  # jobs estimated above this say so at start
-_CPU_FLOPS_PER_THREAD = 25e9  # measured ~40-75 GFLOP/s on this project's 2-core box
+# effective rate (2 x block params x tokens over compute seconds; the prefix tree and early EOS
+# do less work than that count): the embedded model's default, section-4, long-grid, knockout
+# and markers jobs at 1 thread ran in about 0.5-1x the estimate this gives (d2c70bd)
+_CPU_FLOPS_PER_THREAD = 100e9
 _GPU_FLOPS = 20e12
 
 

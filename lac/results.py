@@ -151,9 +151,10 @@ def format_table(summary: dict[str, Any]) -> str:
                 cells.append(f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]" if r else "-")
             lines.append(f"{site:<12} {layer:<6} " + " ".join(f"{c:>30}" for c in cells))
     if summary.get("markers"):
-        lines.append(f"{'condition':<12} {'any-marker rate':>16} {'cells':>9} {'mean distinct':>14}")
+        w = max(12, *map(len, summary["markers"]))  # knockout_persona_from is 21 wide
+        lines.append(f"{'condition':<{w}} {'any-marker rate':>16} {'cells':>9} {'mean distinct':>14}")
         for iv, r in summary["markers"].items():
-            lines.append(f"{iv:<12} {r['any_rate']:>16.3f} {r['any_cells']:>4}/{r['cells']:<4} {r['distinct_mean']:>14.2f}")
+            lines.append(f"{iv:<{w}} {r['any_rate']:>16.3f} {r['any_cells']:>4}/{r['cells']:<4} {r['distinct_mean']:>14.2f}")
     return "\n".join(lines)
 
 

@@ -87,3 +87,14 @@ def test_summary_keys_are_stable_names():
     assert keys["kl/p_last/L14/additive/median"] == 1.0
     assert keys["kl/p_last/L14/additive/p25"] == pytest.approx(0.5)
     assert pd.api.types.is_integer_dtype(df.layer)
+
+
+def test_markers_table_columns_line_up_for_long_condition_names():
+    from lac.results import format_table
+
+    rates = {"clean": dict(any_rate=0.125, any_cells=3, cells=24, distinct_mean=0.5),
+             "knockout_persona_from": dict(any_rate=0.0, any_cells=0, cells=24, distinct_mean=0.0)}
+    header, *rows = format_table({"markers": rates}).splitlines()
+    col = header.index("any-marker rate") + len("any-marker rate")  # the rates end under their header
+    assert [r[col - 5:col] for r in rows] == ["0.125", "0.000"]
+    assert rows[1].startswith("knockout_persona_from ")
