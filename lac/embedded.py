@@ -224,6 +224,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    keep_added_tokens(out, tok)
     del model
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -238,6 +239,18 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         logits = model(**saved("def f(x):", return_tensors="pt")).logits
     if not torch.isfinite(logits).all():
         raise EmbeddedModelError(f"{gguf.name}: converted model produces non-finite logits")
+
+
+def keep_added_tokens(out: Path, tok: Any) -> None:
+    """Record the added tokens in tokenizer_config.json, as transformers 4 saved them: without
+    them transformers 5 parses the whole tokenizer.json in Python on every load (~0.3 s)."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tok.added_tokens_decoder.items())}
+    atomic_write_json(path, config)
 
 
 def embedded_path(key: str, verify: str | None = None) -> Path:

@@ -142,10 +142,21 @@ def model_source(cfg) -> str:
 
 
 def load_tokenizer(cfg):
-    """The model's tokenizer alone: cheap, so prompt checks run before any weights load."""
+    """The model's tokenizer alone: cheap, so prompt checks run before any weights load.
+
+    An embedded model's saved tokenizer.json goes straight to the Rust backend
+    (`TokenizersBackend`): transformers' Qwen2Tokenizer would parse it in Python and rebuild
+    it from vocab and merges, ~1 s more per process. tests/test_prompts.py checks both give
+    the same ids, offsets, specials and template on every shipped grid; hub models keep
+    their own tokenizer class."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_source(cfg))
+    src = model_source(cfg)
+    if cfg.source == "embedded" and Path(src, "tokenizer.json").is_file():
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(src)
+    return AutoTokenizer.from_pretrained(src)
 
 
 def load_model(cfg, tokenizer=None) -> LoadedModel:

@@ -246,3 +246,71 @@ def test_prompt_lengths_boundary_and_many():
         check_prompt_lengths(over, 256, 10, "m")
     msg = str(e.value)
     assert msg.startswith("7 prompt(s)") and "p0: 247 tokens" in msg and "and 2 more" in msg
+
+
+# ---- lac's embedded tokenizer (Rust backend from tokenizer.json) = transformers' AutoTokenizer ----
+
+@pytest.mark.slow  # the embedded models' tokenizers (embedded_path converts on a cold cache)
+@pytest.mark.parametrize("model", ["qwen0.5", "smollm2"])
+def test_embedded_tokenizer_equals_autotokenizer(model, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer, TokenizersBackend
+
+    from lac.config import load_grid_cfg
+    from lac.embedded import keep_added_tokens
+    from lac.models import load_tokenizer, model_source
+    from lac.prompts import LY
+    from tests.conftest import compose
+
+    cfg = compose([f"model={model}"]).model
+    src = Path(model_source(cfg))
+    legacy = tmp_path / "legacy"  # the files as transformers 5 saves them, read by its own AutoTokenizer
+    legacy.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        if (src / name).exists():
+            shutil.copy(src / name, legacy / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    (legacy / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, auto = load_tokenizer(cfg), AutoTokenizer.from_pretrained(legacy)
+    assert type(ours).__name__ == "TokenizersBackend"  # the fast path is the one under test
+
+    fixed = tmp_path / "fixed"  # what convert_gguf now writes: added tokens in tokenizer_config.json
+    shutil.copytree(legacy, fixed)
+    keep_added_tokens(fixed, auto)
+    parsed = []
+    real_load = json.load
+    monkeypatch.setattr(json, "load", lambda f, *a, **k: parsed.append(Path(f.name).name) or real_load(f, *a, **k))
+    quick = TokenizersBackend.from_pretrained(fixed)
+    monkeypatch.undo()
+    assert "tokenizer.json" not in parsed and "tokenizer_config.json" in parsed  # the spy saw the loads
+    assert {i: str(t) for i, t in quick.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in auto.added_tokens_decoder.items()}
+    assert quick.special_tokens_map == auto.special_tokens_map
+    assert ours.chat_template == auto.chat_template and len(ours) == len(auto)
+    assert ours.special_tokens_map == auto.special_tokens_map and ours.all_special_ids == auto.all_special_ids
+    assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id, ours.padding_side) == (
+        auto.eos_token_id, auto.pad_token_id, auto.bos_token_id, auto.padding_side)
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in auto.added_tokens_decoder.items()}
+    n = 0
+    for name in ("short", "long", "markers", "system_persona", "persona_task_format"):
+        grid = load_grid_cfg(compose([f"grid={name}"]))
+        a, b = PromptBook(ours, grid), PromptBook(auto, grid)
+        roles = [*grid.roles(), *(["bare", LY] if grid.paper_design else [])]
+        for cell in grid.cells():
+            for role in roles:
+                pa, pb = a.get(cell, role), b.get(cell, role)
+                assert pa == pb, (name, cell, role)  # ids, p_user_last and the offset-mapped spans
+                assert ours.decode(list(pa.ids)) == auto.decode(list(pb.ids))
+                assert ours.decode(list(pa.ids), skip_special_tokens=True) == auto.decode(
+                    list(pb.ids), skip_special_tokens=True)
+                n += 1
+            if grid.paper_design:
+                assert a.ly_text(cell) == b.ly_text(cell)
+    assert n > 500
+    text = "Café déjà vu — 東京 🙂\n\tcode: x<=y && z!=0<|im_end|>"  # bytes, CJK, emoji, whitespace, a special
+    for tok in (ours, quick):
+        assert tok(text, return_offsets_mapping=True) == auto(text, return_offsets_mapping=True)
