@@ -37,19 +37,22 @@ def main(cfg: DictConfig) -> None:
             record_failure(hc, e)
             return
         if isinstance(e, LacError):
-            drop_if_empty(Path(hc.runtime.output_dir))
+            drop_if_empty(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
         if isinstance(e, LacError) and not full_error():
             print(f"lac: {e}", file=sys.stderr)
             sys.exit(2)
         raise
 
 
-def drop_if_empty(job_dir: Path) -> None:
-    """A run refused before it logged a line leaves no outputs/DATE/TIME folder: only Hydra's
-    .hydra/ and an empty run.log would be in it."""
-    files = [p for p in job_dir.rglob("*") if p.is_file() and p.parent.name != ".hydra"]
-    if all(p.stat().st_size == 0 for p in files):
-        shutil.rmtree(job_dir, ignore_errors=True)
+def drop_if_empty(job_dir: Path, log_name: str) -> None:
+    """A run refused before it logged a line leaves no outputs/DATE/TIME folder. Only a folder
+    holding nothing but Hydra's .hydra/ and an empty job log goes; anything else stays."""
+    try:
+        names = {p.name for p in job_dir.iterdir()}
+        if names <= {".hydra", log_name} and (job_dir / log_name).stat().st_size == 0:
+            shutil.rmtree(job_dir)
+    except OSError:
+        pass  # a folder it cannot read or remove stays, as before
 
 
 def exit_now(code: object) -> None:

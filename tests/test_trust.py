@@ -256,6 +256,21 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert hydra_own.returncode == 1 and "Could not find 'site/p_first'" in hydra_own.stderr
 
 
+def test_only_a_bare_refused_run_folder_is_removed(tmp_path):
+    from lac.run import drop_if_empty
+
+    bare, used, logged = tmp_path / "bare", tmp_path / "used", tmp_path / "logged"
+    for d in (bare, used, logged):
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text("x: 1")
+        (d / "run.log").write_text("")
+    (used / "notes.txt").write_text("")  # a user's folder given as hydra.run.dir: never removed
+    (logged / "run.log").write_text("loaded ...")
+    for d in (bare, used, logged):
+        drop_if_empty(d, "run.log")
+    assert not bare.exists() and (used / "notes.txt").exists() and (logged / "run.log").exists()
+
+
 def test_multirun_is_validated_before_the_first_job(tmp_path):
     out = cli(tmp_path, "-m", "tracker=none", "layer=range(22,25)")
     assert out.returncode == 2
