@@ -101,19 +101,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dt
 
 
+def _has_mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def resolve_device(name: str) -> torch.device:
     name = str(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        if _has_mps():
             return torch.device("mps")
         return torch.device("cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise LacError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LacError(f"device {name!r} asked for but torch sees no CUDA device")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not _has_mps():
         raise LacError("device 'mps' asked for but torch sees no MPS device (Apple silicon with an MPS build of torch)")
     return torch.device(name)
 
