@@ -43,6 +43,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks.machine (and lac) from this checkout
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import cpu, loadavg  # noqa: E402
+
 CONF = REPO / "conf"
 RESULTS = Path(__file__).resolve().parent / "results"
 ROLES = ("BB", "XB", "BY", "XY")
@@ -141,13 +146,6 @@ def git_state() -> dict:
 
     return {"commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
             "lac_conf_dirty": bool(git("status", "--porcelain", "--", "lac", "conf"))}
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 # ---------------------------------------------------------------- model and config
@@ -747,7 +745,7 @@ def main(argv=None) -> int:
     machine = {
         "device": str(lm.device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "processor": platform.processor(),
+        "platform": platform.platform(), **cpu(),
         "gpu": torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else None,
         "model": lm.name, "model_id": lm.model_id, "dtype": str(lm.dtype).replace("torch.", ""),
         "n_layers": lm.n_layers, "model_load_s": load_s, "git": git_state(),

@@ -55,6 +55,9 @@ T_START = time.perf_counter()  # before torch, transformers and nnsight are impo
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # lac from this checkout, installed or not
     sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import cpu, loadavg  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROLES = ("BB", "XB", "BY", "XY")
 SITES = ("p_last", "g1", "g2")
@@ -63,13 +66,6 @@ GRIDS = {"short": "paper_layers", "long": "long_layers"}  # grid -> the qwen0.5 
 LAC_LAYER = {"short": "paper", "long": "long"}
 REFERENCE = {"short": "embedded-qwen0.5-v15.json", "long": "embedded-qwen0.5-v16.json"}
 RTOL, ATOL = 1e-3, 1e-6  # pass criterion on KL: |peer - lac| <= ATOL + RTOL * |lac|
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def git_state() -> dict:
@@ -509,7 +505,7 @@ def summarize(grid: str, runs: dict, checks: list, threads: str, peer_data: dict
     return {
         "grid": grid, "cells": len(peer_data["cells"]), "sites": peer_data["sites"], "layers": peer_data["layers"],
         "intervention": "additive", "repeats": len(checks), "torch_threads": threads,
-        "machine": {**peer_data["machine"], "platform": platform.platform(), "processor": platform.processor(),
+        "machine": {**peer_data["machine"], "platform": platform.platform(), **cpu(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "git": git_state(), "argv": sys.argv[1:], "refs": peer_data["refs"],
         "lac_linear": sorted({str(r.get("linear")) for r in runs["lac"]}),  # the peer runs torch's nn.Linear
