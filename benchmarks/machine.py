@@ -1,5 +1,5 @@
 """The host a benchmark ran on. Timings mean little without it: the same section-4 job took 20.7 s on one
-2-core VM (AVX-512) and 35.8 s on another (AVX2), and fp32 kernels round differently between the two."""
+2-core VM and 35.8 s on another (AMD EPYC, AVX2), and fp32 kernels round differently between the two."""
 
 from __future__ import annotations
 
