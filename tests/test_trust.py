@@ -278,6 +278,7 @@ def test_multirun_is_validated_before_the_first_job(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("lac: job 2 (") and " layer=24)" in lines[0]
     assert lines[0].endswith("layer 24 is out of range for qwen0.5 (24 layers): allowed 0..23")
     assert lines[1] == "lac: 1 of 3 jobs cannot run; no job was started"
+    assert not (tmp_path / "multirun").exists() and "loaded" not in out.log
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="a SLURM machine: the launcher is usable here")
@@ -288,7 +289,6 @@ def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
         "lac: hydra/launcher=slurm needs SLURM's srun on PATH (a cluster's login node); on this machine use "
         "hydra/launcher=local or hydra/launcher=joblib; no job was started"]
     assert not (tmp_path / "multirun").exists()
-    assert not (tmp_path / "multirun").exists() and "loaded" not in out.log
 
 
 def test_offline_hub_models_fail_in_seconds(tmp_path):
