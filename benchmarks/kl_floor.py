@@ -20,9 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import RESULTS, compose, git_state, loadavg  # noqa: E402
-
-from benchmarks.machine import cpu  # noqa: E402
+from bench import RESULTS, compose, cpu, git_state, loadavg  # noqa: E402
 
 # the three short-grid KLs outside rtol 1e-3 + atol 1e-6 against the nnsight peer on an AVX2 host
 # (peer_nnsight_amd_avx2.json), its largest |dKL|, and one mid-sized KL
