@@ -514,7 +514,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
             started: list[Future | None] = []  # W&B begins once the model is loaded (no contention with it)
 
             def begin_tracking() -> None:
-                started.append(_start_tracking(cfg, final, run_id, job_dir, name, config))
+                started.append(_start_tracking(cfg, store, run_id, job_dir, name, config))
 
             try:
                 summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=begin_tracking)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from lac import runner
 from lac.config import build_spec
 from tests.conftest import compose
@@ -68,3 +70,31 @@ def test_early_wandb_run_of_a_failed_job_is_finished_as_failed(tmp_path):
     broken = Future()
     broken.set_exception(RuntimeError("no W&B"))
     runner._abandon_tracking(broken)  # the job's own error stays the one reported
+
+
+def test_a_rerun_starts_wandb_beside_the_compute(tmp_path, monkeypatch):
+    """rerun=true of a job whose W&B run was logged: the new run still starts once the model is loaded,
+    not after the compute (the old store's 'tracked' mark must not count for the staging store)."""
+    from lac.results import JobStore
+    from lac.tracking import run_id_for
+
+    cfg = compose(["tracker=wandb", "tracker.mode=offline", "rerun=true", f"results_root={tmp_path / 'store'}"])
+    key = runner.job_key(cfg)
+    final = JobStore(tmp_path / "store", key)
+    final.dir.mkdir(parents=True)
+    final.mark_tracked(run_id_for(key, cfg.tracker), "an earlier run")
+    started = []
+
+    def fake_start(cfg_, store, run_id, *args):
+        started.append(store.tracked(run_id))
+        return None
+
+    def fake_compute(cfg_, spec, store, key_, config, t0, on_loaded=lambda: None):
+        on_loaded()
+        raise RuntimeError("stop after the model is loaded")
+
+    monkeypatch.setattr(runner, "_start_tracking", fake_start)
+    monkeypatch.setattr(runner, "_compute", fake_compute)
+    with pytest.raises(RuntimeError, match="stop after"):
+        runner.run(cfg, job_dir=tmp_path)
+    assert started == [False]  # asked with the rerun's own (untracked) store, so the run starts early
