@@ -423,8 +423,12 @@ def _import_in_background(*modules: str) -> None:
     todo = [m for m in modules if m not in sys.modules]
 
     def work() -> None:
+        from lac.tracking import note_beside
+
+        t0 = time.thread_time()
         for m in todo:
             importlib.import_module(m)
+        note_beside("imports", time.thread_time() - t0)
 
     if todo:
         threading.Thread(target=work, name="lac-import", daemon=True).start()
@@ -438,8 +442,17 @@ def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path
         return None
     from lac.tracking import start_tracker
 
+    def begin():
+        from lac.tracking import note_beside
+
+        t0 = time.thread_time()
+        try:
+            return start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+        finally:
+            note_beside("W&B start", time.thread_time() - t0)
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="lac-wandb")
-    pending = pool.submit(start_tracker, cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+    pending = pool.submit(begin)
     pool.shutdown(wait=False)
     return pending
 

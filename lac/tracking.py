@@ -553,11 +553,19 @@ def _progress_enabled() -> bool:
 
 
 _PHASES: dict[str, float] = {}  # seconds of this process's last clean-capture and generation phases
+_BESIDE: dict[str, float] = {}  # seconds of background work beside the compute (note_beside)
 
 
 def note_phase(phase: str, seconds: float) -> None:
     """Add to a fixed-cost phase of this process's job (start-up, model load, lightning set-up, writes)."""
     _PHASES[phase] = _PHASES.get(phase, 0.0) + seconds
+
+
+def note_beside(work: str, seconds: float) -> None:
+    """CPU seconds (`time.thread_time`) a background thread spent beside the compute (imports, W&B
+    start): off the critical path, yet where torch already uses every core it slows the compute
+    about as much, so the closing line names it."""
+    _BESIDE[work] = _BESIDE.get(work, 0.0) + seconds
 
 
 @contextlib.contextmanager
@@ -638,11 +646,12 @@ def trainer_options(total_cells: int) -> dict[str, Any]:
 
 def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
     """The job's last line on where time went: the fixed costs (start-up of the process's first job,
-    model load, Lightning set-up, result writes, W&B on the critical path) and the compute (clean
-    captures, patched steps)."""
-    done, phases = dict(_PREDICT), dict(_PHASES)
+    model load, Lightning set-up, result writes, W&B on the critical path), the compute (clean
+    captures, patched steps), and the background work beside the compute (`note_beside`)."""
+    done, phases, beside = dict(_PREDICT), dict(_PHASES), dict(_BESIDE)
     _PREDICT.clear()
     _PHASES.clear()
+    _BESIDE.clear()
     if compute_seconds is None or "seconds" not in done:
         return f"time: results reused (nothing computed), W&B {tracking_seconds:.1f} s"
     steps = done["seconds"]
@@ -657,7 +666,14 @@ def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
     return (f"time: {total:.1f} s = {head}model load {fixed['model load']:.1f} s + lightning set-up "
             f"{fixed['lightning set-up']:.1f} s + clean captures {clean:.1f} s + patched steps {steps:.1f} s "
             f"({int(done.get('cells', 0))} cells, {int(done.get('rows', 0))} rows{inside}) + writes "
-            f"{fixed['writes']:.1f} s + other {other:.1f} s + W&B {tracking_seconds:.1f} s")
+            f"{fixed['writes']:.1f} s + other {other:.1f} s + W&B {tracking_seconds:.1f} s{_beside_note(beside)}")
+
+
+def _beside_note(beside: dict[str, float]) -> str:
+    """'; beside the compute: imports 1.4 s, W&B start 1.6 s' (background threads' CPU time: not in the
+    sum, but where torch uses every core the compute phases above include about that much)."""
+    parts = [f"{k} {v:.1f} s" for k, v in beside.items() if v >= 0.05]
+    return f"; beside the compute: {', '.join(parts)}" if parts else ""
 
 
 # --------------------------------------------------------------------------- trackers

@@ -11,6 +11,7 @@ from lac import tracking
 def test_phase_progress_shows_a_bar_and_times_the_phase(monkeypatch, capsys):
     monkeypatch.setenv("LAC_PROGRESS", "1")
     monkeypatch.setattr(tracking, "_PHASES", {})
+    monkeypatch.setattr(tracking, "_BESIDE", {})
     monkeypatch.setattr(tracking, "_PREDICT", {"seconds": 2.0, "cells": 12, "rows": 180})
     with tracking.phase_progress("clean captures", 12, "cell") as advance:
         advance(5)
@@ -25,12 +26,18 @@ def test_phase_progress_shows_a_bar_and_times_the_phase(monkeypatch, capsys):
     tracking.note_phase("model load", 2.5)
     tracking.note_phase("lightning set-up", 0.5)
     tracking.note_phase("writes", 0.25)
+    tracking.note_beside("imports", 1.42)
+    tracking.note_beside("W&B start", 1.0)
+    tracking.note_beside("W&B start", 0.6)
     line = tracking.timing_line(10.0, 1.5)
+    assert line.endswith("W&B 1.5 s; beside the compute: imports 1.4 s, W&B start 1.6 s")
     assert "clean captures 0.2 s" in line or "clean captures 0.3 s" in line
     assert "patched steps 2.0 s (12 cells, 180 rows, generation 0.0 s)" in line and "W&B 1.5 s" in line
     assert line.startswith("time: 14.8 s = start-up 3.0 s + model load 2.5 s + lightning set-up 0.5 s + ")
     assert "writes 0.2 s + other 4.8 s" in line or "writes 0.2 s + other 4.7 s" in line
-    assert tracking._PHASES == {}  # reset for the next job of the process
+    assert tracking._PHASES == {} and tracking._BESIDE == {}  # reset for the next job of the process
+    tracking.note_phase("model load", 1.0)
+    assert "beside" not in tracking.timing_line(10.0, 0.0)  # no background work: no clause
 
 
 def test_no_bar_off_a_terminal(monkeypatch, capsys):
