@@ -386,17 +386,21 @@ _LAC_LOAD = re.compile(r"loaded \S+ \(.*\) in (?P<load>[\d.]+) s")
 
 
 def lac_phases(log: str) -> dict:
-    """lac's closing line "time: T s = start-up a s + model load b s + ... + W&B z s" as
-    {"total": T, "start_up": a, "model_load": b, ...} (any names it has; parenthesised notes dropped),
-    and model_load from its "loaded ... in X s" line if the closing line has none."""
+    """lac's closing line "time: T s = start-up a s + model load b s + ... + W&B z s; beside the
+    compute: imports c s, ..." as {"total": T, "start_up": a, "model_load": b, ..., "beside_imports": c}
+    (any names it has; parenthesised notes dropped), and model_load from its "loaded ... in X s" line
+    if the closing line has none."""
     out: dict = {}
     if m := _LAC_LOAD.search(log):
         out["model_load"] = float(m["load"])
     if m := _LAC_TIME.search(log):
         out["total"] = float(m["total"])
-        for term in re.sub(r"\([^)]*\)", "", m["terms"]).split(" + "):
+        terms, _, beside = re.sub(r"\([^)]*\)", "", m["terms"]).partition("; beside the compute:")
+        named = [("", t) for t in terms.split(" + ")] + [("beside_", t) for t in beside.split(",") if beside]
+        for prefix, term in named:
             if t := _LAC_TERM.match(term.strip()):
-                out[re.sub(r"[^a-z0-9]+", "_", t["name"].lower().replace("&", "and")).strip("_")] = float(t["value"])
+                name = re.sub(r"[^a-z0-9]+", "_", t["name"].lower().replace("&", "and")).strip("_")
+                out[prefix + name] = float(t["value"])
     return out
 
 

@@ -45,3 +45,19 @@ def test_no_bar_off_a_terminal(monkeypatch, capsys):
     with tracking.phase_progress("generation", 10, "tok") as advance:
         advance(10)
     assert "generation" not in capsys.readouterr().err
+
+
+def test_benchmarks_read_the_closing_line_back():
+    """benchmarks/peer_nnsight.py records lac's phases from the line timing_line writes, beside-work too."""
+    from benchmarks.peer_nnsight import lac_phases
+
+    tracking._PHASES.clear()
+    tracking._BESIDE.clear()
+    tracking._PREDICT.update(seconds=2.0, cells=12, rows=144)
+    tracking.note_phase("start-up", 2.4)
+    tracking.note_phase("model load", 2.3)
+    tracking.note_beside("imports", 1.7)
+    got = lac_phases(f"[2026-11-24 00:53:25,521][lac][INFO] - {tracking.timing_line(12.0, 0.0)}\n")
+    assert got == {"total": 14.4, "start_up": 2.4, "model_load": 2.3, "lightning_set_up": 0.0,
+                   "clean_captures": 0.0, "patched_steps": 2.0, "writes": 0.0, "other": 7.7, "wandb": 0.0,
+                   "beside_imports": 1.7}
