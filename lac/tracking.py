@@ -553,7 +553,7 @@ def _progress_enabled() -> bool:
 
 
 _PHASES: dict[str, float] = {}  # seconds of this process's last clean-capture and generation phases
-_BESIDE: dict[str, float] = {}  # seconds of background work beside the compute (note_beside)
+_BESIDE: dict[str, float] = {}  # CPU seconds of background threads beside the compute (note_beside)
 
 
 def note_phase(phase: str, seconds: float) -> None:

@@ -36,8 +36,9 @@ def test_phase_progress_shows_a_bar_and_times_the_phase(monkeypatch, capsys):
     assert line.startswith("time: 14.8 s = start-up 3.0 s + model load 2.5 s + lightning set-up 0.5 s + ")
     assert "writes 0.2 s + other 4.8 s" in line or "writes 0.2 s + other 4.7 s" in line
     assert tracking._PHASES == {} and tracking._BESIDE == {}  # reset for the next job of the process
-    tracking.note_phase("model load", 1.0)
-    assert "beside" not in tracking.timing_line(10.0, 0.0)  # no background work: no clause
+    tracking._PREDICT.update(seconds=1.0, cells=1, rows=1)
+    line = tracking.timing_line(10.0, 0.0)
+    assert "patched steps 1.0 s" in line and "beside" not in line  # no background work: no clause
 
 
 def test_no_bar_off_a_terminal(monkeypatch, capsys):
@@ -47,13 +48,13 @@ def test_no_bar_off_a_terminal(monkeypatch, capsys):
     assert "generation" not in capsys.readouterr().err
 
 
-def test_benchmarks_read_the_closing_line_back():
+def test_benchmarks_read_the_closing_line_back(monkeypatch):
     """benchmarks/peer_nnsight.py records lac's phases from the line timing_line writes, beside-work too."""
     from benchmarks.peer_nnsight import lac_phases
 
-    tracking._PHASES.clear()
-    tracking._BESIDE.clear()
-    tracking._PREDICT.update(seconds=2.0, cells=12, rows=144)
+    monkeypatch.setattr(tracking, "_PHASES", {})
+    monkeypatch.setattr(tracking, "_BESIDE", {})
+    monkeypatch.setattr(tracking, "_PREDICT", {"seconds": 2.0, "cells": 12, "rows": 144})
     tracking.note_phase("start-up", 2.4)
     tracking.note_phase("model load", 2.3)
     tracking.note_beside("imports", 1.7)
