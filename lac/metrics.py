@@ -10,16 +10,20 @@ import torch
 EPS = 1e-9  # in every denominator, as the paper
 
 
-def kl_window(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> float:
-    """Sum over window positions of KL(P_clean || P_intervened), nats; inputs [window, vocab]."""
-    return float(kl_window_tensor(logp_clean, logp_int))
+def kl_window(logp_clean: torch.Tensor, logp_int: torch.Tensor, p_clean: torch.Tensor | None = None) -> float:
+    """Sum over window positions of KL(P_clean || P_intervened), nats; inputs [window, vocab].
+    p_clean: logp_clean.exp() (float32, on logp_int's device) where the caller compares many rows to
+    one target: the exp is then taken once, not per row (the same bits, tests/test_devices.py)."""
+    return float(kl_window_tensor(logp_clean, logp_int, p_clean))
 
 
-def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> torch.Tensor:
+def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor,
+                     p_clean: torch.Tensor | None = None) -> torch.Tensor:
     """kl_window as a 0-d tensor on the intervened side's device (clean captures are kept on the CPU)."""
     li = logp_int.float()
     lc = logp_clean.to(device=li.device, dtype=torch.float32)
-    return (lc.exp() * (lc - li)).sum()
+    diff = lc - li
+    return diff.mul_(lc.exp() if p_clean is None else p_clean).sum()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

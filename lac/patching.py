@@ -51,9 +51,16 @@ def kl_rows(
     out: list[tuple[CellCapture, Job, str, float]] = []
     groups: dict[tuple, list[tuple[CellCapture, Job, Row, int]]] = defaultdict(list)
 
+    targets: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one stack and exp per target, many rows
+
     def record(cap: CellCapture, job: Job, window: torch.Tensor) -> None:
         for metric, role in job.intervention.targets().items():
-            out.append((cap, job, metric, kl_window(_target(cap, job.site, role), window)))
+            key = (id(cap), job.site, role, window.device)
+            if key not in targets:
+                lc = _target(cap, job.site, role).to(device=window.device, dtype=torch.float32)
+                targets[key] = (lc, lc.exp())
+            lc, p = targets[key]
+            out.append((cap, job, metric, kl_window(lc, window, p_clean=p)))
 
     for job in jobs:
         iv, w0 = job.intervention, window_start(job.site)

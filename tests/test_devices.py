@@ -20,3 +20,13 @@ def test_kl_window_takes_clean_log_probs_from_the_cpu_to_the_intervened_device()
     want = float((clean.exp() * (clean - other)).sum())
     assert kl_window(clean, other) == want
     assert kl_window(clean, clean) == 0.0
+
+
+def test_kl_window_with_the_targets_exp_given_has_the_same_bits():
+    """kl_rows takes each target's exp once for all its rows; a row's KL must not change by a bit."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(10, 4099, generator=g).log_softmax(-1)
+    for scale in (1e-4, 1e-2, 1.0):  # small KLs are where a reordered sum would show
+        other = (clean + scale * torch.randn(10, 4099, generator=g)).log_softmax(-1)
+        want = float((clean.exp() * (clean - other)).sum())
+        assert kl_window(clean, other, p_clean=clean.exp()) == want == kl_window(clean, other)

@@ -50,7 +50,7 @@ def test_a_change_of_numbers_is_caught(monkeypatch, current):
     """KL taken in the wrong direction, KL(P_int || P_clean) (a plausible bug), changes the fingerprint."""
     from lac import patching
 
-    monkeypatch.setattr(patching, "kl_window", lambda clean, other: patching_kl(other, clean))
+    monkeypatch.setattr(patching, "kl_window", lambda clean, other, **_: patching_kl(other, clean))
     assert _diffs(numerics.fingerprint(), current)
 
 
