@@ -10,6 +10,7 @@ other jobs and ends with the list of failed ones (exit code 2).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -44,6 +45,24 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return [list(o) for batch in BasicSweeper.split_arguments(overrides, None) for o in batch]
 
 
+def reuse_compositions(loader: Any, master: DictConfig, composed: dict[tuple[str, ...], DictConfig]) -> None:
+    """Hydra composes every job's config twice more, in its sweeper's own check and in its launcher
+    (~0.1 s each: ~2 s of a 10-job sweep). From here on the loader answers those calls (same master
+    config, same overrides) with a copy of lac's composition, given the master's resolver cache as
+    `load_sweep_config` itself does at its end (timestamps); any other call composes as before."""
+    compose = loader.load_sweep_config
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        hit = composed.get(tuple(sweep_overrides)) if master_config is master else None
+        if hit is None:
+            return compose(master_config=master_config, sweep_overrides=sweep_overrides)
+        cfg = copy.deepcopy(hit)
+        OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
+        return cfg
+
+    loader.load_sweep_config = load_sweep_config
+
+
 def record_failure(hc: Any, error: BaseException) -> None:
     """One line now (job number, overrides, reason); a record for the sweep's closing list."""
     num, overrides = hc.job.num, " ".join(hc.overrides.task)
@@ -70,10 +89,11 @@ class LacCallback(Callback):
             sys.exit(2)
         loader = GlobalHydra.instance().config_loader()
         jobs = job_overrides(config)
-        bad = []
+        bad, composed = [], {}
         for num, overrides in enumerate(jobs):
             try:
                 cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
+                composed[tuple(overrides)] = copy.deepcopy(cfg)  # as composed, before preflight resolves anything
                 plan_sweep_depth(cfg.model.name, preflight(cfg))
             except LacError as e:
                 bad.append(f"lac: job {num} ({' '.join(overrides)}): {e}")
@@ -81,6 +101,7 @@ class LacCallback(Callback):
             print("\n".join(bad), file=sys.stderr)
             print(f"lac: {len(bad)} of {len(jobs)} jobs cannot run; no job was started", file=sys.stderr)
             sys.exit(2)
+        reuse_compositions(loader, config, composed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir) / FAILED

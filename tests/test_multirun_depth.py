@@ -51,6 +51,53 @@ def test_the_multirun_callback_plans_every_job(monkeypatch):
     assert planned == [("qwen0.5", (4,)), ("qwen0.5", (7,))]
 
 
+def test_hydra_gets_lacs_compositions_back_with_the_masters_timestamps(monkeypatch):
+    """Hydra composes each job again in its sweeper's check and in its launcher (~0.1 s each); after lac's
+    check those get a copy of lac's composition, with the master's resolver cache (a timestamp resolved
+    after the check, as the sweep dir's is, must be the master's), and anything else composes as before."""
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    from lac.multirun import LacCallback
+
+    monkeypatch.setattr(runner, "plan_sweep_depth", lambda name, spec: None)
+    monkeypatch.setattr("lac.multirun.job_overrides", lambda config: [["layer=4"], ["layer=7"]])
+    master = compose(["tracker=none", "site=p_last", "layer=4"])
+    with open_dict(master):
+        master.stamp = "${now:%H:%M:%S.%f}"
+    calls = []
+    made = {L: compose(["tracker=none", "site=p_last", f"layer={L}"]) for L in (4, 5, 7)}  # Hydra's, before the patch
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            calls.append(list(sweep_overrides))
+            cfg = copy.deepcopy(made[int(sweep_overrides[0].split("=")[1])])
+            with open_dict(cfg):
+                cfg.stamp = "${now:%H:%M:%S.%f}"
+            OmegaConf.copy_cache(from_config=master_config, to_config=cfg)
+            return cfg
+
+    loader = Loader()
+    import hydra.core.global_hydra as gh
+
+    monkeypatch.setattr(gh.GlobalHydra, "instance", staticmethod(lambda: SimpleNamespace(config_loader=lambda: loader)))
+    LacCallback().on_multirun_start(master)
+    assert calls == [["layer=4"], ["layer=7"]]
+    stamp = master.stamp  # resolved (and cached in the master) only now, after lac's check
+    first = loader.load_sweep_config(master, ["layer=7"])  # Hydra's launcher calls it positionally
+    second = loader.load_sweep_config(master_config=master, sweep_overrides=["layer=7"])
+    assert calls == [["layer=4"], ["layer=7"]]  # nothing composed again
+    assert first.layer == 7 and first.stamp == stamp == second.stamp
+    with open_dict(first):
+        first.hydra_job_num = 1  # the launcher writes into its config: never into lac's or another's
+    assert "hydra_job_num" not in second
+    assert loader.load_sweep_config(master, ["layer=5"]).layer == 5  # not one of the sweep's jobs
+    other = copy.deepcopy(master)
+    loader.load_sweep_config(other, ["layer=7"])  # another master config
+    assert calls[2:] == [["layer=5"], ["layer=7"]]
+
+
 def test_early_wandb_run_of_a_failed_job_is_finished_as_failed(tmp_path):
     """W&B starts beside the compute (issue 14); a job that then fails ends its run with exit code 1."""
     from concurrent.futures import Future
