@@ -10,20 +10,40 @@ import torch
 EPS = 1e-9  # in every denominator, as the paper
 
 
-def kl_window(logp_clean: torch.Tensor, logp_int: torch.Tensor, p_clean: torch.Tensor | None = None) -> float:
-    """Sum over window positions of KL(P_clean || P_intervened), nats; inputs [window, vocab].
-    p_clean: logp_clean.exp() (float32, on logp_int's device) where the caller compares many rows to
-    one target: the exp is then taken once, not per row (the same bits, tests/test_devices.py)."""
-    return float(kl_window_tensor(logp_clean, logp_int, p_clean))
+def kl_window(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> float:
+    """Sum over window positions of KL(P_clean || P_intervened), nats; inputs [window, vocab]."""
+    return float(kl_window_tensor(logp_clean, logp_int))
 
 
-def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor,
-                     p_clean: torch.Tensor | None = None) -> torch.Tensor:
+def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> torch.Tensor:
     """kl_window as a 0-d tensor on the intervened side's device (clean captures are kept on the CPU)."""
     li = logp_int.float()
     lc = logp_clean.to(device=li.device, dtype=torch.float32)
-    diff = lc - li
-    return diff.mul_(lc.exp() if p_clean is None else p_clean).sum()
+    return (lc.exp() * (lc - li)).sum()
+
+
+class WindowKL:
+    """kl_window of windows given as their [vocab] rows, in [window, vocab] float32 buffers kept across
+    calls: a fresh tensor for each intermediate costs page faults on the CPU (10 x 151,936 rows: ~9.6 ms
+    a window against ~1.7 ms, measured on the AVX2 host). The same ops on the same values as kl_window,
+    so the same bits (tests/test_devices.py); the clean rows go to the intervened rows' device."""
+
+    def __init__(self) -> None:
+        self._buf: dict[tuple, torch.Tensor] = {}
+
+    def _take(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = (name, shape, device)
+        if key not in self._buf:
+            self._buf[key] = torch.empty(shape, dtype=torch.float32, device=device)
+        return self._buf[key]
+
+    def __call__(self, clean_rows: Sequence[torch.Tensor], int_rows: Sequence[torch.Tensor]) -> float:
+        dev = int_rows[0].device
+        shape = (len(int_rows), int_rows[0].shape[-1])
+        li = torch.stack([r.float() for r in int_rows], out=self._take("li", shape, dev))
+        lc = torch.stack([r.to(device=dev, dtype=torch.float32) for r in clean_rows], out=self._take("lc", shape, dev))
+        diff = torch.sub(lc, li, out=self._take("diff", shape, dev))
+        return float(diff.mul_(torch.exp(lc, out=self._take("p", shape, dev))).sum())
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
