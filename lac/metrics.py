@@ -22,30 +22,6 @@ def kl_window_tensor(logp_clean: torch.Tensor, logp_int: torch.Tensor) -> torch.
     return (lc.exp() * (lc - li)).sum()
 
 
-class WindowKL:
-    """kl_window of windows given as their [vocab] rows, in [window, vocab] float32 buffers kept across
-    calls: a fresh tensor for each intermediate costs page faults on the CPU (10 x 151,936 rows: ~9.6 ms
-    a window against ~1.7 ms, measured on the AVX2 host). The same ops on the same values as kl_window,
-    so the same bits (tests/test_devices.py); the clean rows go to the intervened rows' device."""
-
-    def __init__(self) -> None:
-        self._buf: dict[tuple, torch.Tensor] = {}
-
-    def _take(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-        key = (name, shape, device)
-        if key not in self._buf:
-            self._buf[key] = torch.empty(shape, dtype=torch.float32, device=device)
-        return self._buf[key]
-
-    def __call__(self, clean_rows: Sequence[torch.Tensor], int_rows: Sequence[torch.Tensor]) -> float:
-        dev = int_rows[0].device
-        shape = (len(int_rows), int_rows[0].shape[-1])
-        li = torch.stack([r.float() for r in int_rows], out=self._take("li", shape, dev))
-        lc = torch.stack([r.to(device=dev, dtype=torch.float32) for r in clean_rows], out=self._take("lc", shape, dev))
-        diff = torch.sub(lc, li, out=self._take("diff", shape, dev))
-        return float(diff.mul_(torch.exp(lc, out=self._take("p", shape, dev))).sum())
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b) / (a.norm() * b.norm() + EPS))
 

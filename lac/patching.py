@@ -18,7 +18,7 @@ import torch
 from lac.capture import CellCapture
 from lac.engine import Row, Trace, run_rows
 from lac.interventions import Change, Job
-from lac.metrics import WindowKL
+from lac.metrics import kl_window
 from lac.models import LoadedModel
 from lac.sites import WINDOW, window_first_position, window_start
 
@@ -51,11 +51,9 @@ def kl_rows(
     out: list[tuple[CellCapture, Job, str, float]] = []
     groups: dict[tuple, list[tuple[CellCapture, Job, Row, int]]] = defaultdict(list)
 
-    kl = WindowKL()
-
-    def record(cap: CellCapture, job: Job, window: list[torch.Tensor]) -> None:
+    def record(cap: CellCapture, job: Job, window: torch.Tensor) -> None:
         for metric, role in job.intervention.targets().items():
-            out.append((cap, job, metric, kl(_target(cap, job.site, role), window)))
+            out.append((cap, job, metric, kl_window(_target(cap, job.site, role), window)))
 
     for job in jobs:
         iv, w0 = job.intervention, window_start(job.site)
@@ -120,10 +118,10 @@ def attention_mass(
     return out
 
 
-def _target(cap: CellCapture, site: str, role: str) -> list[torch.Tensor]:
+def _target(cap: CellCapture, site: str, role: str) -> torch.Tensor:
     """Clean log-probs of `role` (paper: XY) over the site's window: the distribution a KL compares to."""
     return _window(cap.logp[role], window_first_position(site, len(cap.prompts[role].ids)))
 
 
-def _window(logp: dict[int, torch.Tensor], first: int) -> list[torch.Tensor]:
-    return [logp[first + j] for j in range(WINDOW)]
+def _window(logp: dict[int, torch.Tensor], first: int) -> torch.Tensor:
+    return torch.stack([logp[first + j] for j in range(WINDOW)])
