@@ -62,8 +62,10 @@ PROTOCOLS = {
         "target_speedup": 30.0, "reference": "embedded-qwen0.5-v16.json",
     },
 }
-TARGET_DKL = 1e-4
-TARGET_MULTIRUN = 2.0
+# pass criterion on KL (the project's standard, as benchmarks/peer_nnsight.py): |KL_a - KL_b| <= ATOL +
+# RTOL * |KL_a| for every cell x site x layer; a flat 1e-4 would pass a patch that writes nothing where KL is small
+RTOL, ATOL = 1e-3, 1e-6
+TARGET_MULTIRUN = 1.1  # issue 14: -m layer=range(4,14) costs at most 1.1x one job over the same layers
 MULTIRUN_LAYERS = list(range(4, 14))
 
 
@@ -430,6 +432,11 @@ def minimal_counts(lm, spec, cells, book, refs: dict[str, list[int]]) -> dict:
 # ---------------------------------------------------------------- comparisons
 
 
+def kl_outside(a: dict, b: dict) -> list:
+    """Keys both sides ran whose KLs differ by more than ATOL + RTOL * |a| (a: the reference side)."""
+    return [k for k in a if k in b and not abs(a[k] - b[k]) <= ATOL + RTOL * abs(a[k])]
+
+
 def max_diff(a: dict, b: dict) -> tuple[float, int, object]:
     keys = [k for k in a if k in b]
     if not keys:
@@ -524,7 +531,8 @@ def bench_kl(proto: str, lm, base, args, meter, peak) -> dict:
         "ref_tokens_identical": f"{same_ref}/{len(a['refs'])}",
         "max_abs_dkl": dkl, "kl_compared": n_kl, "worst_kl": list(worst_kl or []),
         "max_abs_dgeometry": dgeo, "geometry_compared": n_geo, "worst_geometry": list(worst_geo or []),
-        "target_dkl": TARGET_DKL,
+        "kl_criterion": f"|KL_a - KL_b| <= {ATOL:g} + {RTOL:g} * |KL_a|",
+        "kl_outside": [list(k) for k in kl_outside(a["kl"], b["kl"])],
         "vs_reference_json": {k: {"max_abs_dkl": v[0], "n": v[1]} for k, v in vs_ref.items()},
         "per_cell_kl": [
             {"cell": k[0], "site": k[1], "layer": k[2], "lac": v, "naive": a["kl"].get(k)}
@@ -581,6 +589,7 @@ def bench_multirun(lm, base, args, meter) -> dict:
             "ratio": total["wall_s"] / one["wall_s"],
             "block_token_ratio": multi_counts["block_tokens"] / one["block_tokens"],
             "max_abs_dkl_multirun_vs_one": dkl, "kl_compared": n_kl,
+            "kl_outside": [list(k) for k in kl_outside(one["kl"], kl_multi)],
         },
         "target_ratio": TARGET_MULTIRUN,
     })
@@ -660,8 +669,9 @@ def table_kl(r: dict) -> str:
         ("patched phase GFLOP/s (% of mm peak)", "-",
          f"{b['patched_gflops']:.1f} ({100 * b['patched_gflops'] / peak:.0f}% of {peak:.1f})", "-", "-"),
         ("peak RSS of the phase (MiB)", _f(a["peak_rss_mib"], "{:.0f}"), _f(b["peak_rss_mib"], "{:.0f}"), "-", "-"),
-        ("max |KL_a - KL_b|", "", f"{r['max_abs_dkl']:.2e} (n={r['kl_compared']})", "",
-         f"<= {TARGET_DKL:.0e} {ok(r['max_abs_dkl'] <= TARGET_DKL)}"),
+        ("max |KL_a - KL_b|", "", f"{r['max_abs_dkl']:.2e} (n={r['kl_compared']})", "", "-"),
+        ("KLs within 1e-6 + 1e-3 |KL_a|", "", f"{r['kl_compared'] - len(r['kl_outside'])}/{r['kl_compared']}", "",
+         f"all {ok(r['kl_compared'] > 0 and not r['kl_outside'])}"),
         ("max |geometry_a - geometry_b|", "", f"{r['max_abs_dgeometry']:.2e} (n={r['geometry_compared']})", "", "-"),
         ("XY reference tokens identical (cells)", "", r["ref_tokens_identical"], "", "-"),
     ]
@@ -677,16 +687,17 @@ def table_multirun(r: dict) -> str:
     rows = [
         ("", "(i) one job layer=[4..13]", "(ii) -m layer=range(4,14)", "(ii)/(i)", "target"),
         ("in process: wall (s)", _f(ip["one_job"]["wall_s"]), _f(ip["multirun"]["wall_s"]),
-         f"{ip['ratio']:.2f}", f"<= {TARGET_MULTIRUN:.0f} {ok(ip['ratio'] <= TARGET_MULTIRUN)}"),
+         f"{ip['ratio']:.2f}", f"<= {TARGET_MULTIRUN:g} {ok(ip['ratio'] <= TARGET_MULTIRUN)}"),
         ("in process: full-depth token equivalents", _f(ip["one_job"]["block_tokens"] / n, "{:.0f}"),
          _f(ip["multirun"]["block_tokens"] / n, "{:.0f}"), f"{ip['block_token_ratio']:.2f}", "-"),
-        ("in process: max |KL_(i) - KL_(ii)|", "", f"{ip['max_abs_dkl_multirun_vs_one']:.2e} (n={ip['kl_compared']})", "", "-"),
+        ("in process: max |KL_(i) - KL_(ii)|", "", f"{ip['max_abs_dkl_multirun_vs_one']:.2e} (n={ip['kl_compared']})", "",
+         f"all within 1e-6 + 1e-3 |KL| {ok(ip['kl_compared'] > 0 and not ip.get('kl_outside'))}"),
     ]
     sp = r.get("subprocess")
     if sp and "ratio" in sp:
         rows.append(("python -m lac.run: wall (s), load included", _f(sp["one_job"]["wall_s"]),
                      _f(sp["multirun"]["wall_s"]), f"{sp['ratio']:.2f}",
-                     f"<= {TARGET_MULTIRUN:.0f} {ok(sp['ratio'] <= TARGET_MULTIRUN)}"))
+                     f"<= {TARGET_MULTIRUN:g} {ok(sp['ratio'] <= TARGET_MULTIRUN)}"))
     elif sp:
         rows.append(("python -m lac.run", *(f"rc={sp[k]['rc']}" for k in ("one_job", "multirun")), "-", "-"))
     return _grid(rows)
