@@ -62,9 +62,10 @@ def get_model(mcfg: DictConfig, tokenizer=None) -> LoadedModel:
     return _MODEL[key]
 
 
-def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
+def prepare_model(cfg: DictConfig, spec: Spec, on_checked: Callable[[], None] = lambda: None) -> LoadedModel:
     """The job's model, after the checks that need only its tokenizer and config: grid text
-    that is no chat-control token, prompts that fit the context, a memory estimate that fits."""
+    that is no chat-control token, prompts that fit the context, a memory estimate that fits.
+    `on_checked` runs once they pass, before the weights load."""
     from lac.budget import check_budget
     from lac.models import load_tokenizer
     from lac.prompts import check_grid_text, check_prompt_lengths
@@ -80,6 +81,7 @@ def prepare_model(cfg: DictConfig, spec: Spec) -> LoadedModel:
     extra = spec.max_new_tokens if spec.mode == "markers" else REF_TOKENS
     check_prompt_lengths(prompts, _max_positions(cfg.model, tok), extra, cfg.model.name)
     check_budget(cfg, spec, [p for _, p in prompts], extra, loaded=lm is not None)
+    on_checked()
     return lm or get_model(cfg.model, tok)
 
 
@@ -375,9 +377,10 @@ def provenance() -> dict[str, Any]:
 
 
 def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dict, t0: float,
-             on_loaded: Callable[[], None] = lambda: None):
+             on_loaded: Callable[[], None] = lambda: None, on_checked: Callable[[], None] = lambda: None):
     """Resume or start the job's cells in `store` and write its final files; returns (summary, df, gens).
-    `on_loaded` runs once the model is loaded (work to overlap with the compute)."""
+    `on_checked` runs once the job's checks pass (before the weights load), `on_loaded` once the model
+    is loaded (work to overlap with the load, or with the compute)."""
     store.claim(config)
     done_cells = store.read_parts()[2] if store.has_parts() else set()
     cells = [c for c in spec.grid.cells() if c.key not in done_cells]
@@ -385,7 +388,7 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
         log.info("resuming job %s: %d cells done, %d to go", key, len(done_cells), len(cells))
     ctx = {"model": cfg.model.name, "model_id": str(cfg.model.id), "grid": spec.grid.name}
     if cells:
-        lm = prepare_model(cfg, spec)
+        lm = prepare_model(cfg, spec, on_checked)
         if lm.n_layers != spec.n_layers:
             raise ConfigError(f"{cfg.model.name} has {lm.n_layers} layers but its config says n_layers={spec.n_layers}")
         on_loaded()
@@ -434,10 +437,51 @@ def _import_in_background(*modules: str) -> None:
         threading.Thread(target=work, name="lac-import", daemon=True).start()
 
 
+class _EarlyRun:
+    """A job's W&B run, begun beside the job's work; its results are logged only once they are safe
+    on disk (`_track`). With tracker.process (the default on POSIX) a child process is spawned as
+    the job starts (it imports wandb while the job's start leaves a core idle) and begins the run
+    once the job's checks pass, while the weights load (lac.tracker_process); else a thread begins
+    it once the model is loaded (`_start_tracking`). `pending`: Future-like, or None."""
+
+    def __init__(self, cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str, config: dict):
+        from lac.tracking import use_process
+
+        self.args = (cfg, store, run_id, job_dir, name, config)
+        self.pending: Any = None
+        self.remote = None
+        if use_process(cfg.tracker) and not store.tracked(run_id):
+            from lac.tracker_process import RemoteTracker
+
+            self.remote = RemoteTracker()
+
+    def checked(self) -> None:
+        if self.remote is not None and self.pending is None:
+            cfg, _, run_id, job_dir, name, config = self.args
+            self.remote.begin(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
+            self.pending = self.remote
+
+    def loaded(self) -> None:
+        if self.remote is None and self.pending is None:
+            self.pending = _start_tracking(*self.args)
+
+    def for_track(self) -> Any:
+        """What `_track` logs to: the run begun here (a resumed job with nothing left to compute
+        begins it now)."""
+        self.checked()
+        return self.pending
+
+    def abandon(self) -> None:
+        """A job that failed: a run begun ends marked failed; a child never asked for one just exits."""
+        if self.remote is not None and self.pending is None:
+            self.remote.close()
+        else:
+            _abandon_tracking(self.pending)
+
+
 def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str,
                     config: dict) -> Future | None:
-    """Begin the job's W&B run (import, init) in a background thread while the job computes: off the
-    critical path. Its results are logged only once they are safe on disk (`_track`)."""
+    """Begin the job's W&B run (import, init) in a background thread while the job computes."""
     if cfg.tracker.get("name") == "none" or store.tracked(run_id):
         return None
     from lac.tracking import start_tracker
@@ -457,12 +501,12 @@ def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path
     return pending
 
 
-def _abandon_tracking(pending: Future | None) -> None:
+def _abandon_tracking(pending: Any, exit_code: int | None = 1) -> None:
     """A job that failed: its early-started W&B run ends marked failed (exit code 1), never left open."""
     if pending is None:
         return
     try:
-        pending.result().finish(exit_code=1)
+        pending.result().finish(exit_code=exit_code)
     except Exception as e:  # the job's own error is the one to report
         log.debug("W&B run of a failed job could not be finished: %s", e)
 
@@ -493,6 +537,8 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
             tracker.finish()
         if tracker.mode in ("online", "offline"):
             store.mark_tracked(run_id, tracker.url_or_dir)
+    elif pending is not None:  # a twin logged this run meanwhile: end ours without logging twice
+        _abandon_tracking(pending, exit_code=None)
     log.info("%s", timing_line(summary.get("seconds"), time.monotonic() - t0))
 
 
@@ -524,18 +570,15 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
             store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
             if rerun:
                 log.info("rerun=true: recomputing job %s in %s", key, store.dir)
-            started: list[Future | None] = []  # W&B begins once the model is loaded (no contention with it)
-
-            def begin_tracking() -> None:
-                started.append(_start_tracking(cfg, store, run_id, job_dir, name, config))
-
+            early = _EarlyRun(cfg, store, run_id, job_dir, name, config)
             try:
-                summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=begin_tracking)
+                summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=early.loaded,
+                                         on_checked=early.checked)
+                pending = early.for_track()
             except BaseException:
                 store.discard_if_empty()
-                _abandon_tracking(started[0] if started else None)
+                early.abandon()
                 raise
-            pending = started[0] if started else None
             store.publish()
         _copy_into(job_dir, final)
         _track(cfg, final, run_id, job_dir, name, config, pending)

@@ -236,6 +236,10 @@ def check_tracker(tcfg: Any) -> None:
             f"WANDB_MODE={os.environ.get('WANDB_MODE')!r} is not a W&B mode; "
             f"set it to one of {', '.join(MODES)} or unset it"
         )
+    process = _get(tcfg, "process", True)
+    if not isinstance(process, bool):
+        raise TrackerError(f"tracker.process must be true or false (W&B in a process of its own, or in a "
+                           f"thread of the job's); got {process!r}")
     tags = _get(tcfg, "tags", [])
     if isinstance(tags, (str, bytes)) or not isinstance(_plain(tags), Sequence):
         raise TrackerError(f"tracker.tags must be a list, e.g. tracker.tags=[a,b]; got {tags!r}")
@@ -247,6 +251,11 @@ def check_tracker(tcfg: Any) -> None:
             "or log locally with tracker.mode=offline (upload later with `wandb sync`), "
             "or turn tracking off with tracker=none"
         )
+
+
+def use_process(tcfg: Any) -> bool:
+    """W&B in a child process (lac.tracker_process): tracker.process (default true), on POSIX."""
+    return _get(tcfg, "name") == "wandb" and bool(_get(tcfg, "process", True)) and os.name == "posix"
 
 
 # --------------------------------------------------------------------------- run identity and config
@@ -877,6 +886,6 @@ __all__ = [
     "NoTracker", "Tracker", "TrackerError", "WandbTracker", "api_key_source", "check_tracker",
     "configure_logging", "flatten", "from_layer", "group_keys", "history_rows", "layer_free_keys", "layer_list",
     "progress_callback",
-    "resolve_mode", "run_config", "run_id_for", "start_tracker", "timing_line", "trainer_options",
+    "resolve_mode", "run_config", "run_id_for", "start_tracker", "timing_line", "trainer_options", "use_process",
     "wandb_dir", "wandb_settings",
 ]

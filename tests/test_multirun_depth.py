@@ -119,29 +119,57 @@ def test_early_wandb_run_of_a_failed_job_is_finished_as_failed(tmp_path):
     runner._abandon_tracking(broken)  # the job's own error stays the one reported
 
 
-def test_a_rerun_starts_wandb_beside_the_compute(tmp_path, monkeypatch):
-    """rerun=true of a job whose W&B run was logged: the new run still starts once the model is loaded,
-    not after the compute (the old store's 'tracked' mark must not count for the staging store)."""
+@pytest.mark.parametrize("process", [True, False])
+def test_a_rerun_starts_wandb_beside_the_compute(tmp_path, monkeypatch, process):
+    """rerun=true of a job whose W&B run was logged: the new run still begins before the compute (in its
+    own process once the checks pass, or in a thread once the model is loaded), not after it (the old
+    store's 'tracked' mark must not count for the staging store); the failed job's run ends as failed."""
+    import lac.tracker_process
     from lac.results import JobStore
     from lac.tracking import run_id_for
 
-    cfg = compose(["tracker=wandb", "tracker.mode=offline", "rerun=true", f"results_root={tmp_path / 'store'}"])
+    cfg = compose(["tracker=wandb", "tracker.mode=offline", "rerun=true", f"tracker.process={process}",
+                   f"results_root={tmp_path / 'store'}"])
     key = runner.job_key(cfg)
     final = JobStore(tmp_path / "store", key)
     final.dir.mkdir(parents=True)
     final.mark_tracked(run_id_for(key, cfg.tracker), "an earlier run")
-    started = []
+    events = []
 
     def fake_start(cfg_, store, run_id, *args):
-        started.append(store.tracked(run_id))
+        events.append(("thread", store.tracked(run_id)))
         return None
 
-    def fake_compute(cfg_, spec, store, key_, config, t0, on_loaded=lambda: None):
+    class FakeRemote:
+        def __init__(self):
+            events.append(("spawned",))
+
+        def begin(self, tcfg, *, run_id, **kw):
+            events.append(("begin", run_id))
+
+        def result(self):
+            return self
+
+        def finish(self, exit_code=None):
+            events.append(("finish", exit_code))
+
+        def close(self):
+            events.append(("close",))
+
+    def fake_compute(cfg_, spec, store, key_, config, t0, on_loaded=lambda: None, on_checked=lambda: None):
+        events.append(("checks pass",))
+        on_checked()
+        events.append(("model loaded",))
         on_loaded()
         raise RuntimeError("stop after the model is loaded")
 
     monkeypatch.setattr(runner, "_start_tracking", fake_start)
+    monkeypatch.setattr(lac.tracker_process, "RemoteTracker", FakeRemote)
     monkeypatch.setattr(runner, "_compute", fake_compute)
     with pytest.raises(RuntimeError, match="stop after"):
         runner.run(cfg, job_dir=tmp_path)
-    assert started == [False]  # asked with the rerun's own (untracked) store, so the run starts early
+    if process:  # spawned as the job starts, begun when its checks pass, ended as failed with the job
+        assert events == [("spawned",), ("checks pass",), ("begin", run_id_for(key, cfg.tracker)),
+                          ("model loaded",), ("finish", 1)]
+    else:  # asked with the rerun's own (untracked) store, so the run starts early
+        assert events == [("checks pass",), ("model loaded",), ("thread", False)]

@@ -534,3 +534,95 @@ def test_offline_run_logs_attention_and_from_curves(tmp_path):
     assert hist[3]["by_layer/attn_persona/p_last/median"] == np.median(att)
     assert run.summary["attn_persona/p_last/L3/median"] == np.median(att)
     assert run.config["intervention"] == "kv_persona" and run.config["layer"] == 10
+
+
+# --------------------------------------------------------------------------- the run in its own process
+
+
+def _run_of(root: Path):
+    (sync_dir,) = find_runs(root)
+    return read_run(sync_dir)
+
+
+def test_run_in_its_own_process_equals_the_in_process_run(tmp_path, caplog):
+    """lac.tracker_process: the child logs the same config, summary, history and tables as
+    start_tracker in this process, in a process of its own, and its log lines reach ours."""
+    import os
+
+    from lac.tracker_process import RemoteTracker
+
+    df, summary, rid = results_df(), summarize(results_df()), run_id_for("0123456789abcdef", tcfg())
+    here = start_tracker(tcfg(), run_id=rid, config=job_config(), run_dir=tmp_path / "here", name="j")
+    here.log_results(df, summary)
+    here.finish()
+    remote = RemoteTracker()
+    assert remote._proc.pid != os.getpid()
+    remote.begin(tcfg(), run_id=rid, config=job_config(), run_dir=tmp_path / "child", name="j")
+    with caplog.at_level("INFO", logger="lac.tracking"):
+        assert remote.result() is remote and remote.mode == "offline"
+        remote.log_results(df, summary)
+        remote.finish()
+        remote.finish()  # idempotent
+    assert remote._proc.returncode == 0  # the child has exited
+    assert Path(remote.url_or_dir) == find_runs(tmp_path / "child")[0]
+    assert remote.sync_command == f"wandb sync {remote.url_or_dir}"
+    assert any("W&B offline run finished" in r.getMessage() and remote.url_or_dir in r.getMessage()
+               for r in caplog.records)  # the child's line, logged here
+    a, b = _run_of(tmp_path / "here"), _run_of(tmp_path / "child")
+    assert b.exit_code == 0 and b.run["id"] == a.run["id"] == rid
+    assert b.config == a.config
+    numbers = [k for k, v in a.summary.items() if not k.startswith("_") and not isinstance(v, dict)]
+    assert len(numbers) > 20 and {k: b.summary[k] for k in numbers} == {k: a.summary[k] for k in numbers}
+    assert set(b.summary) == set(a.summary)  # and the same tables (their artifact paths differ)
+    same = ("columns", "data")
+    assert {k: b.tables["results"][k] for k in same} == {k: a.tables["results"][k] for k in same}
+    assert logged(b.tables["results"]["data"]) == native_rows(df)
+    assert len(_history(a)) == 2 and _history(b) == _history(a)  # the per-layer curves
+
+
+def test_a_child_never_asked_for_a_run_leaves_none(tmp_path):
+    """A job refused by its checks, or ended before its run began: the child exits and no run exists."""
+    from lac.tracker_process import RemoteTracker
+
+    remote = RemoteTracker()
+    remote.close()
+    assert remote._proc.returncode == 0
+    assert not find_runs(tmp_path)
+
+
+def test_when_the_jobs_process_goes_away_its_run_ends_as_failed(tmp_path):
+    """The child sees the connection close without a finish (the job's process was killed): it
+    finishes the run with exit code 1 instead of leaving it open."""
+    from lac.tracker_process import RemoteTracker
+
+    remote = RemoteTracker()
+    remote.begin(tcfg(), run_id=run_id_for("dead", tcfg()), config=job_config(), run_dir=tmp_path, name="j")
+    remote.result()
+    remote.log_results(results_df(), summarize(results_df()))
+    remote._conn.close()  # what the child sees when our process dies
+    assert remote._proc.wait(timeout=120) == 0
+    run = _run_of(tmp_path)
+    assert run.exit_code == 1 and "results" in run.tables
+
+
+def test_a_run_the_child_cannot_start_is_a_tracker_error_here(tmp_path, monkeypatch):
+    """start_tracker's own error (here: online without an API key) comes back as a TrackerError
+    naming it; the child has exited and finishing it afterwards does nothing."""
+    from lac.tracker_process import RemoteTracker
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    remote = RemoteTracker()
+    remote.begin(tcfg(mode="online"), run_id="lac-x", config=job_config(), run_dir=tmp_path, name="j")
+    with pytest.raises(TrackerError, match="no W&B API key"):
+        remote.result()
+    assert remote._proc.returncode == 1
+    remote.finish(exit_code=1)  # what a failing job does next: nothing left to finish
+    assert not find_runs(tmp_path)
+
+
+def test_tracker_process_must_be_a_bool():
+    with pytest.raises(TrackerError, match=r"tracker.process must be true or false.*'yes'"):
+        check_tracker(tcfg(process="yes"))
+    check_tracker(tcfg(process=False))
+    assert tracking.use_process(tcfg()) == (sys.platform != "win32")
+    assert not tracking.use_process(tcfg(process=False)) and not tracking.use_process({"name": "none"})

@@ -1,0 +1,209 @@
+"""A job's W&B run in a child process (``tracker.process``, default true on POSIX).
+
+Once a job computes, torch keeps every core of a CPU box busy; wandb's import and ``init``
+(~1.1 s of Python, plus its wandb-core service starting) in a thread beside the compute
+cost a default job ~1.5 s of its ~16 s on 2 cores (tracker=wandb against tracker=none).
+This child is spawned as the job starts, imports wandb while the job's own start
+(tokenizer, model imports: one thread) leaves a core idle, and calls ``wandb.init`` once
+the job's checks have passed, while the weights load (a job refused by its checks gets
+no run). It runs lac.tracking's own ``start_tracker`` and ``WandbTracker``;
+:class:`RemoteTracker` is their stand-in in the job's process: it sends the results once
+they are safe on disk and waits until the run is written. A job's process that dies
+leaves no open run: the child sees the connection close and finishes the run with exit
+code 1. The child's log lines come back to the job's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from lac import tracking
+from lac.tracking import Tracker, TrackerError
+
+COMMANDS = ("log_results", "log_generations")  # what the job's process may ask of the run
+
+
+class RemoteTracker(Tracker):
+    """The job's side of a W&B run kept by a child process. `result()` is Future-like (the runner
+    treats a run started in a thread and one started here alike)."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        root = str(Path(tracking.__file__).resolve().parent.parent)  # lac importable in the child
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "lac.tracker_process", str(theirs.fileno()), str(int(tracking._VERBOSE))],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        self._begun = self._started = self._finished = False
+
+    def begin(self, tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path, name: str) -> None:
+        """Ask the child for the run (`wandb.init` there); returns at once."""
+        self._conn.send(("begin", {
+            "tcfg": tracking._plain(tcfg), "run_id": run_id, "config": config, "run_dir": Path(run_dir),
+            "name": name, "verbose": tracking._VERBOSE, "online_failed": tracking._online_failed,
+        }))
+        self._begun = True
+
+    def result(self) -> RemoteTracker:
+        """This tracker once its run has started (raises what starting it raised)."""
+        if not self._started:
+            try:
+                _, self.mode, self.url_or_dir, online_failed, cpu = self._reply("started")
+            except BaseException:
+                self._finished = True  # no run to finish: the child has given up (or is told to)
+                self.close()
+                raise
+            tracking._online_failed = tracking._online_failed or online_failed  # later jobs go offline at once
+            tracking.note_beside("W&B start (own process)", cpu)
+            self._started = True
+        return self
+
+    @property
+    def sync_command(self) -> str | None:
+        return f"wandb sync {self.url_or_dir}" if self.mode == "offline" else None
+
+    def log_results(self, df: Any, summary: dict[str, Any]) -> None:
+        self._call("log_results", df, summary)
+
+    def log_generations(self, records: list[dict[str, Any]]) -> None:
+        self._call("log_generations", records)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Finish the run (idempotent) and wait until the child has written it and exited."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            if self._begun:
+                self._conn.send(("finish", exit_code))
+                self._reply("finished")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let the child go: one never begun exits without a run, one begun finishes its run as failed."""
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        try:
+            self._proc.wait(timeout=float(tracking.DEFAULT_FINISH_TIMEOUT) + 60)
+        except subprocess.TimeoutExpired:  # wandb's own finish timeout has long passed
+            self._proc.kill()
+
+    def _call(self, command: str, *args: Any) -> None:
+        self.result()
+        self._conn.send((command, *args))
+        self._reply("ok")
+
+    def _reply(self, expected: str) -> tuple:
+        """The child's next answer; its log records are logged here on the way."""
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                code = self._proc.wait()
+                raise TrackerError(f"the W&B process ended before it answered (exit code {code})") from None
+            if msg[0] == "log":
+                _, name, level, text = msg
+                logging.getLogger(name).log(level, "%s", text)
+            elif msg[0] == "error":
+                raise TrackerError(f"W&B: {msg[1]}")
+            elif msg[0] == expected:
+                return msg
+            else:
+                raise TrackerError(f"the W&B process answered {msg[0]!r} where {expected!r} was due")
+
+
+class _ToParent(logging.Handler):
+    """Log records of the child, sent to the job's process (which logs them as its own)."""
+
+    def __init__(self, send):
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.send(("log", record.name, record.levelno, record.getMessage()))
+
+
+def main(fd: int, verbose: bool = False) -> int:
+    """The child: import wandb, wait for the job's run, serve its commands, finish it."""
+    conn = Connection(fd)
+    lock = threading.Lock()  # wandb's threads may log while the main thread answers
+
+    def send(msg: tuple) -> None:
+        with lock:
+            conn.send(msg)
+
+    root = logging.getLogger()
+    root.handlers[:] = [_ToParent(send)]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # as log records, to the job's log
+    if not verbose:  # the job's own filters (lac.tracking.configure_logging)
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+    # now, on a core the job's start leaves idle (the point of this process): wandb, and what logging
+    # the results needs (pandas unpickles the results' DataFrame)
+    import pandas  # noqa: F401
+    import wandb  # noqa: F401
+
+    import lac.results  # noqa: F401
+
+    try:
+        kind, req = conn.recv()
+    except EOFError:
+        return 0  # the job ended, or failed its checks, before its run began
+    tracking._VERBOSE, tracking._online_failed = req.pop("verbose"), req.pop("online_failed")
+    logging.getLogger("lac").setLevel(logging.DEBUG if tracking._VERBOSE else logging.INFO)
+    try:
+        tracker = tracking.start_tracker(req.pop("tcfg"), **req)
+    except Exception as e:
+        send(("error", f"{type(e).__name__}: {e}"))
+        return 1
+    send(("started", tracker.mode, tracker.url_or_dir, tracking._online_failed, time.process_time()))
+    exit_code: int | None = 1  # the job's process went away without saying how the job ended
+    try:
+        while True:
+            try:
+                command, *args = conn.recv()
+            except (EOFError, OSError):
+                break
+            if command == "finish":
+                exit_code = args[0]
+                break
+            try:
+                if command not in COMMANDS:
+                    raise ValueError(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}")
+                getattr(tracker, command)(*args)
+            except Exception as e:
+                send(("error", f"{type(e).__name__}: {e}"))
+            else:
+                send(("ok",))
+    finally:
+        tracker.finish(exit_code=exit_code)
+    with contextlib.suppress(OSError):
+        send(("finished",))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(int(sys.argv[1]), sys.argv[2:3] == ["1"])
+    # the run is finished and written: skip wandb's teardown at exit (~0.2 s waiting for its service,
+    # which exits by itself once this process is gone), as `python -m lac.run` skips Python's
+    logging.shutdown()
+    os._exit(code)
