@@ -680,7 +680,8 @@ def timing_line(compute_seconds: float | None, tracking_seconds: float) -> str:
 
 def _beside_note(beside: dict[str, float]) -> str:
     """'; beside the compute: imports 1.4 s, W&B start 1.6 s' (background threads' CPU time: not in the
-    sum, but where torch uses every core the compute phases above include about that much)."""
+    sum, but where torch uses every core the compute phases above include about that much; 'W&B start
+    (own process)' is the W&B process's, spent mostly while the model loads)."""
     parts = [f"{k} {v:.1f} s" for k, v in beside.items() if v >= 0.05]
     return f"; beside the compute: {', '.join(parts)}" if parts else ""
 
