@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -143,6 +144,8 @@ class _ToParent(logging.Handler):
 
 def main(fd: int, verbose: bool = False) -> int:
     """The child: import wandb, wait for the job's run, serve its commands, finish it."""
+    # Ctrl-C reaches the whole process group: the job's process ends the run (failed), not a traceback here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     lock = threading.Lock()  # wandb's threads may log while the main thread answers
 

@@ -593,12 +593,18 @@ def test_a_child_never_asked_for_a_run_leaves_none(tmp_path):
 def test_when_the_jobs_process_goes_away_its_run_ends_as_failed(tmp_path):
     """The child sees the connection close without a finish (the job's process was killed): it
     finishes the run with exit code 1 instead of leaving it open."""
+    import os
+    import signal
+
     from lac.tracker_process import RemoteTracker
 
     remote = RemoteTracker()
     remote.begin(tcfg(), run_id=run_id_for("dead", tcfg()), config=job_config(), run_dir=tmp_path, name="j")
     remote.result()
     remote.log_results(results_df(), summarize(results_df()))
+    os.kill(remote._proc.pid, signal.SIGINT)  # Ctrl-C reaches the child too: it leaves the ending to us
+    time.sleep(0.5)
+    assert remote._proc.poll() is None
     remote._conn.close()  # what the child sees when our process dies
     assert remote._proc.wait(timeout=120) == 0
     run = _run_of(tmp_path)
