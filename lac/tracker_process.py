@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ class RemoteTracker(Tracker):
         """Ask the child for the run (`wandb.init` there); returns at once."""
         self._conn.send(("begin", {
             "tcfg": tracking._plain(tcfg), "run_id": run_id, "config": config, "run_dir": Path(run_dir),
-            "name": name, "verbose": tracking._VERBOSE, "online_failed": tracking._online_failed,
+            "name": name, "online_failed": tracking._online_failed,
         }))
         self._begun = True
 
@@ -157,9 +156,10 @@ def main(fd: int, verbose: bool = False) -> int:
     root.handlers[:] = [_ToParent(send)]
     root.setLevel(logging.WARNING)
     logging.captureWarnings(True)  # as log records, to the job's log
-    if not verbose:  # the job's own filters (lac.tracking.configure_logging)
-        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category)
+    tracking._VERBOSE = verbose
+    logging.getLogger("lac").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        tracking.quiet_warnings()
     # now, on a core the job's start leaves idle (the point of this process): wandb, and what logging
     # the results needs (pandas unpickles the results' DataFrame)
     import pandas  # noqa: F401
@@ -168,11 +168,10 @@ def main(fd: int, verbose: bool = False) -> int:
     import lac.results  # noqa: F401
 
     try:
-        kind, req = conn.recv()
+        _, req = conn.recv()  # ("begin", start_tracker's arguments)
     except EOFError:
         return 0  # the job ended, or failed its checks, before its run began
-    tracking._VERBOSE, tracking._online_failed = req.pop("verbose"), req.pop("online_failed")
-    logging.getLogger("lac").setLevel(logging.DEBUG if tracking._VERBOSE else logging.INFO)
+    tracking._online_failed = req.pop("online_failed")
     try:
         tracker = tracking.start_tracker(req.pop("tcfg"), **req)
     except Exception as e:

@@ -523,8 +523,7 @@ def configure_logging(verbose: Any = False) -> bool:
         return True
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
+    quiet_warnings()
     warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
     warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers).*")
     for name in LIGHTNING_LOGGERS:
@@ -537,6 +536,14 @@ def configure_logging(verbose: Any = False) -> bool:
     except Exception:  # pragma: no cover - transformers is a dependency
         pass
     return False
+
+
+def quiet_warnings() -> None:
+    """Deprecation and future warnings off (a job's console unless verbose; also its W&B process's)."""
+    import warnings
+
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 def _quiet_lightning() -> None:
@@ -886,7 +893,7 @@ def start_tracker(tcfg: Any, *, run_id: str, config: Mapping[str, Any], run_dir:
 __all__ = [
     "NoTracker", "Tracker", "TrackerError", "WandbTracker", "api_key_source", "check_tracker",
     "configure_logging", "flatten", "from_layer", "group_keys", "history_rows", "layer_free_keys", "layer_list",
-    "progress_callback",
+    "progress_callback", "quiet_warnings",
     "resolve_mode", "run_config", "run_id_for", "start_tracker", "timing_line", "trainer_options", "use_process",
     "wandb_dir", "wandb_settings",
 ]
