@@ -472,9 +472,10 @@ class _EarlyRun:
         return self.pending
 
     def abandon(self) -> None:
-        """A job that failed: a run begun ends marked failed; a child never asked for one just exits."""
+        """A job that failed: a run begun ends marked failed; a child never asked for one waits for
+        the process's next job."""
         if self.remote is not None and self.pending is None:
-            self.remote.close()
+            self.remote.release()
         else:
             _abandon_tracking(self.pending)
 

@@ -11,6 +11,12 @@ no run). It runs lac.tracking's own ``start_tracker`` and ``WandbTracker``;
 they are safe on disk and waits until the run is written. A job's process that dies
 leaves no open run: the child sees the connection close and finishes the run with exit
 code 1. The child's log lines come back to the job's log.
+
+A multirun's jobs in one process (Hydra's basic launcher) share one child: once a job's run
+is written the child waits for the next job's (`_spare`), so a later job pays neither the
+import nor wandb-core's start beside its compute (~0.9 s a job on 2 cores). Each begin
+carries the job's environment and working directory, which the child takes over, so a
+job sees the same W&B variables and relative paths as in a child of its own.
 """
 
 from __future__ import annotations
@@ -39,24 +45,26 @@ class RemoteTracker(Tracker):
     treats a run started in a thread and one started here alike)."""
 
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        root = str(Path(tracking.__file__).resolve().parent.parent)  # lac importable in the child
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lac.tracker_process", str(theirs.fileno()), str(int(tracking._VERBOSE))],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
-            )
-        finally:
-            theirs.close()
-        self._conn = Connection(ours.detach())
+        global _spare
+        spare, _spare = _spare, None
+        if spare is not None and spare[3] != os.getpid():
+            spare = None  # kept by the process this one was forked from: its child, not ours
+        if spare is not None and spare[1].poll() is None and spare[2] == tracking._VERBOSE:
+            self._conn, self._proc = spare[:2]  # an earlier job's child, idle: this job's run goes there
+        else:
+            if spare is not None:
+                _let_go(spare[0], spare[1])
+            self._conn, self._proc = _spawn()
         self._begun = self._started = self._finished = False
+        self._timeout = float(tracking.DEFAULT_FINISH_TIMEOUT) + 60
 
     def begin(self, tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path, name: str) -> None:
         """Ask the child for the run (`wandb.init` there); returns at once."""
+        self._timeout = float(tracking._get(tcfg, "finish_timeout", tracking.DEFAULT_FINISH_TIMEOUT)) + 60
         self._conn.send(("begin", {
             "tcfg": tracking._plain(tcfg), "run_id": run_id, "config": config, "run_dir": Path(run_dir),
             "name": name, "online_failed": tracking._online_failed,
+            "environ": dict(os.environ), "cwd": os.getcwd(),
         }))
         self._begun = True
 
@@ -85,25 +93,34 @@ class RemoteTracker(Tracker):
         self._call("log_generations", records)
 
     def finish(self, exit_code: int | None = None) -> None:
-        """Finish the run (idempotent) and wait until the child has written it and exited."""
+        """Finish the run (idempotent) and wait until the child has written it; the child then
+        waits for this process's next job (`release`)."""
         if self._finished:
             return
         self._finished = True
-        try:
-            if self._begun:
+        if self._begun:
+            try:
                 self._conn.send(("finish", exit_code))
                 self._reply("finished")
-        finally:
+            except BaseException:
+                self.close()
+                raise
+        self.release()
+
+    def release(self) -> None:
+        """Done with the child: idle (its run written, or never begun) it is kept for this
+        process's next job, in place of any other kept before; else it is let go (`close`)."""
+        global _spare
+        if self._begun and not self._finished or self._proc.poll() is not None:
             self.close()
+            return
+        if _spare is not None and _spare[3] == os.getpid():
+            _let_go(_spare[0], _spare[1])
+        _spare = (self._conn, self._proc, tracking._VERBOSE, os.getpid())
 
     def close(self) -> None:
         """Let the child go: one never begun exits without a run, one begun finishes its run as failed."""
-        with contextlib.suppress(OSError):
-            self._conn.close()
-        try:
-            self._proc.wait(timeout=float(tracking.DEFAULT_FINISH_TIMEOUT) + 60)
-        except subprocess.TimeoutExpired:  # wandb's own finish timeout has long passed
-            self._proc.kill()
+        _let_go(self._conn, self._proc, self._timeout)
 
     def _call(self, command: str, *args: Any) -> None:
         self.result()
@@ -129,6 +146,45 @@ class RemoteTracker(Tracker):
                 raise TrackerError(f"the W&B process answered {msg[0]!r} where {expected!r} was due")
 
 
+# an idle child for this process's next job: connection, process, its verbosity, the pid that kept it
+_spare: tuple[Connection, subprocess.Popen, bool, int] | None = None
+
+
+def _spawn() -> tuple[Connection, subprocess.Popen]:
+    ours, theirs = socket.socketpair()
+    root = str(Path(tracking.__file__).resolve().parent.parent)  # lac importable in the child
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lac.tracker_process", str(theirs.fileno()), str(int(tracking._VERBOSE))],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+        )
+    finally:
+        theirs.close()
+    return Connection(ours.detach()), proc
+
+
+def _let_go(conn: Connection, proc: subprocess.Popen,
+            timeout: float = float(tracking.DEFAULT_FINISH_TIMEOUT) + 60) -> None:
+    """Close the connection and wait for the child; `timeout`: wandb's own finish timeout has long
+    passed by then (a begun run is finished as failed first)."""
+    with contextlib.suppress(OSError):
+        conn.close()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def shutdown() -> None:
+    """Let the kept child go (it exits; it holds no open run). A process that simply exits needs
+    none of this: the child sees its connection close and exits by itself."""
+    global _spare
+    spare, _spare = _spare, None
+    if spare is not None and spare[3] == os.getpid():
+        _let_go(spare[0], spare[1])
+
+
 class _ToParent(logging.Handler):
     """Log records of the child, sent to the job's process (which logs them as its own)."""
 
@@ -142,7 +198,7 @@ class _ToParent(logging.Handler):
 
 
 def main(fd: int, verbose: bool = False) -> int:
-    """The child: import wandb, wait for the job's run, serve its commands, finish it."""
+    """The child: import wandb; then, job after job, wait for a run, serve its commands, finish it."""
     # Ctrl-C reaches the whole process group: the job's process ends the run (failed), not a traceback here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
@@ -167,18 +223,32 @@ def main(fd: int, verbose: bool = False) -> int:
 
     import lac.results  # noqa: F401
 
-    try:
-        _, req = conn.recv()  # ("begin", start_tracker's arguments)
-    except EOFError:
-        return 0  # the job ended, or failed its checks, before its run began
-    tracking._online_failed = req.pop("online_failed")
-    try:
-        tracker = tracking.start_tracker(req.pop("tcfg"), **req)
-    except Exception as e:
-        send(("error", f"{type(e).__name__}: {e}"))
-        return 1
-    send(("started", tracker.mode, tracker.url_or_dir, tracking._online_failed, time.process_time()))
+    cpu = 0.0  # CPU time of the previous runs (a multirun's later job reports its own only)
+    while True:
+        try:
+            _, req = conn.recv()  # ("begin", start_tracker's arguments and the job's environment)
+        except (EOFError, OSError):
+            return 0  # the job ended, or failed its checks, before a run began; or the process is done
+        os.environ.clear()
+        os.environ.update(req.pop("environ"))
+        os.chdir(req.pop("cwd"))
+        tracking._online_failed = req.pop("online_failed")
+        try:
+            tracker = tracking.start_tracker(req.pop("tcfg"), **req)
+        except Exception as e:
+            send(("error", f"{type(e).__name__}: {e}"))
+            return 1
+        send(("started", tracker.mode, tracker.url_or_dir, tracking._online_failed, time.process_time() - cpu))
+        if not _serve(conn, send, tracker):
+            return 0  # the job's process went away: its run is finished (failed), nobody is left to ask
+        cpu = time.process_time()
+
+
+def _serve(conn: Connection, send, tracker: Tracker) -> bool:
+    """One run's commands until "finish"; the run is finished either way. False: the job's
+    process went away (the run ends with exit code 1)."""
     exit_code: int | None = 1  # the job's process went away without saying how the job ended
+    here = False
     try:
         while True:
             try:
@@ -186,7 +256,7 @@ def main(fd: int, verbose: bool = False) -> int:
             except (EOFError, OSError):
                 break
             if command == "finish":
-                exit_code = args[0]
+                exit_code, here = args[0], True
                 break
             try:
                 if command not in COMMANDS:
@@ -198,9 +268,12 @@ def main(fd: int, verbose: bool = False) -> int:
                 send(("ok",))
     finally:
         tracker.finish(exit_code=exit_code)
-    with contextlib.suppress(OSError):
-        send(("finished",))
-    return 0
+    if here:
+        try:
+            send(("finished",))
+        except OSError:
+            return False
+    return here
 
 
 if __name__ == "__main__":

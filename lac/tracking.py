@@ -299,8 +299,10 @@ def wandb_settings(tcfg: Any) -> dict[str, Any]:
 def wandb_dir(run_dir: Path | str) -> Path:
     """The ``dir`` of a job's run (wandb puts its run folders in ``<dir>/wandb/``): $WANDB_DIR
     when the user set it, else the job's own folder. Passed explicitly: wandb reads its
-    environment once per process, and a multirun's later jobs must see the same rule."""
-    return Path(os.environ.get("WANDB_DIR") or run_dir).expanduser()
+    environment once per process, and a multirun's later jobs must see the same rule. Absolute:
+    wandb-core writes the run's files relative to its own working directory, the one its process
+    (the first job's) started in."""
+    return Path(os.environ.get("WANDB_DIR") or run_dir).expanduser().absolute()
 
 
 def flatten(d: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:

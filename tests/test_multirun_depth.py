@@ -153,8 +153,8 @@ def test_a_rerun_starts_wandb_beside_the_compute(tmp_path, monkeypatch, process)
         def finish(self, exit_code=None):
             events.append(("finish", exit_code))
 
-        def close(self):
-            events.append(("close",))
+        def release(self):
+            events.append(("release",))
 
     def fake_compute(cfg_, spec, store, key_, config, t0, on_loaded=lambda: None, on_checked=lambda: None):
         events.append(("checks pass",))

@@ -18,6 +18,7 @@ import pytest
 from omegaconf import OmegaConf
 from wandb_reader import find_runs, read_run
 
+import lac.tracker_process
 from lac import tracking
 from lac.results import frame, summarize, summary_keys
 from lac.schema import GEOMETRY_METRICS
@@ -563,7 +564,7 @@ def test_run_in_its_own_process_equals_the_in_process_run(tmp_path, caplog):
         remote.log_results(df, summary)
         remote.finish()
         remote.finish()  # idempotent
-    assert remote._proc.returncode == 0  # the child has exited
+    assert remote._proc.poll() is None and lac.tracker_process._spare[1] is remote._proc  # kept for a next job
     assert Path(remote.url_or_dir) == find_runs(tmp_path / "child")[0]
     assert remote.sync_command == f"wandb sync {remote.url_or_dir}"
     assert any("W&B offline run finished" in r.getMessage() and remote.url_or_dir in r.getMessage()
@@ -581,13 +582,58 @@ def test_run_in_its_own_process_equals_the_in_process_run(tmp_path, caplog):
 
 
 def test_a_child_never_asked_for_a_run_leaves_none(tmp_path):
-    """A job refused by its checks, or ended before its run began: the child exits and no run exists."""
+    """A job refused by its checks, or ended before its run began: the child waits for the next job
+    (or exits once let go) and no run exists."""
     from lac.tracker_process import RemoteTracker
 
+    remote = RemoteTracker()
+    remote.release()  # what a job that failed before its checks passed does
+    assert lac.tracker_process._spare[1] is remote._proc and remote._proc.poll() is None
+    lac.tracker_process.shutdown()
+    assert remote._proc.wait(timeout=60) == 0 and lac.tracker_process._spare is None
     remote = RemoteTracker()
     remote.close()
     assert remote._proc.returncode == 0
     assert not find_runs(tmp_path)
+
+
+def test_a_multiruns_later_jobs_reuse_the_child(tmp_path, monkeypatch):
+    """Jobs of one process share one child: the second job's run goes to the first job's child
+    (no new import, no new wandb-core), with the second job's own environment and working
+    directory, and both runs are whole (config, summary, table, exit code 0)."""
+    from lac.tracker_process import RemoteTracker
+
+    lac.tracker_process.shutdown()
+    df = results_df()
+    summary = summarize(df)
+    first = RemoteTracker()
+    id_one = run_id_for("job-one", tcfg())
+    first.begin(tcfg(), run_id=id_one, config=job_config(), run_dir=tmp_path / "one", name="a")
+    first.log_results(df, summary)
+    first.finish()
+    assert first._proc.poll() is None
+    monkeypatch.setenv("WANDB_RUN_GROUP", "second-group")  # a job's own W&B variables (hydra.job.env_set)
+    monkeypatch.chdir(tmp_path)
+    second = RemoteTracker()
+    assert second._proc is first._proc and lac.tracker_process._spare is None
+    id_two = run_id_for("job-two", tcfg())  # its group's hash: the second group's
+    second.begin(tcfg(), run_id=id_two, config=job_config(layer=(6,)),
+                 run_dir=Path("two"), name="b")  # relative: the job's working directory, not the child's
+    second.result()
+    second.log_results(df, summary)
+    second.finish(exit_code=0)
+    assert Path(second.url_or_dir).resolve() == find_runs(tmp_path / "two")[0].resolve()
+    one, two = _run_of(tmp_path / "one"), _run_of(tmp_path / "two")
+    assert one.exit_code == 0 and two.exit_code == 0
+    assert one.run["id"] == id_one and two.run["id"] == id_two
+    assert two.run["group"] == "second-group" and one.run["group"] != "second-group"
+    assert one.config["layer"] != two.config["layer"] == 6
+    assert logged(two.tables["results"]["data"]) == native_rows(df)
+    numbers = [k for k, v in one.summary.items() if not k.startswith("_") and not isinstance(v, dict)]
+    assert len(numbers) > 20 and {k: two.summary[k] for k in numbers} == {k: one.summary[k] for k in numbers}
+    lac.tracker_process.shutdown()
+    assert second._proc.wait(timeout=60) == 0
+    assert len(find_runs(tmp_path)) == 2
 
 
 def test_when_the_jobs_process_goes_away_its_run_ends_as_failed(tmp_path):
@@ -632,3 +678,24 @@ def test_tracker_process_must_be_a_bool():
     check_tracker(tcfg(process=False))
     assert tracking.use_process(tcfg()) == (sys.platform != "win32")
     assert not tracking.use_process(tcfg(process=False)) and not tracking.use_process({"name": "none"})
+
+
+def test_a_forked_process_does_not_take_its_parents_child():
+    """A kept child belongs to the process that kept it: a process forked from it (a launcher's
+    worker) spawns its own instead of sharing, or closing, the parent's connection."""
+    from lac.tracker_process import RemoteTracker
+
+    lac.tracker_process.shutdown()
+    first = RemoteTracker()
+    first.release()
+    conn, proc, verbose, pid = lac.tracker_process._spare
+    lac.tracker_process._spare = (conn, proc, verbose, pid + 1)  # what a forked process sees
+    try:
+        second = RemoteTracker()
+        assert second._proc is not proc and proc.poll() is None and not conn.closed
+        second.close()
+        assert second._proc.returncode == 0
+    finally:
+        lac.tracker_process._spare = (conn, proc, verbose, pid)
+        lac.tracker_process.shutdown()
+    assert proc.returncode == 0
