@@ -55,7 +55,7 @@ class RemoteTracker(Tracker):
             if spare is not None:
                 _let_go(spare[0], spare[1])
             self._conn, self._proc = _spawn()
-        self._begun = self._started = self._finished = False
+        self._begun = self._started = self._finished = self._released = False
         self._timeout = float(tracking.DEFAULT_FINISH_TIMEOUT) + 60
 
     def begin(self, tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path, name: str) -> None:
@@ -111,6 +111,9 @@ class RemoteTracker(Tracker):
         """Done with the child: idle (its run written, or never begun) it is kept for this
         process's next job, in place of any other kept before; else it is let go (`close`)."""
         global _spare
+        if self._released:
+            return  # the child may serve another job by now
+        self._released = True
         if self._begun and not self._finished or self._proc.poll() is not None:
             self.close()
             return
@@ -120,6 +123,7 @@ class RemoteTracker(Tracker):
 
     def close(self) -> None:
         """Let the child go: one never begun exits without a run, one begun finishes its run as failed."""
+        self._released = True
         _let_go(self._conn, self._proc, self._timeout)
 
     def _call(self, command: str, *args: Any) -> None:

@@ -616,6 +616,9 @@ def test_a_multiruns_later_jobs_reuse_the_child(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     second = RemoteTracker()
     assert second._proc is first._proc and lac.tracker_process._spare is None
+    first.release()  # late, twice: the child now serves the second job and stays with it
+    first.finish()
+    assert lac.tracker_process._spare is None and not second._conn.closed
     id_two = run_id_for("job-two", tcfg())  # its group's hash: the second group's
     second.begin(tcfg(), run_id=id_two, config=job_config(layer=(6,)),
                  run_dir=Path("two"), name="b")  # relative: the job's working directory, not the child's
