@@ -55,6 +55,16 @@ def drop_if_empty(job_dir: Path, log_name: str) -> None:
         pass  # a folder it cannot read or remove stays, as before
 
 
+def stop_joblib_workers() -> None:
+    """hydra/launcher=joblib: loky keeps its worker processes, each with a model loaded (~1.1 GB for
+    the embedded one), for 300 s after their last job; exit_now skips the interpreter's exit, where
+    loky would stop them. Every job has finished (its results and W&B run written) by then."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True, kill_workers=True)
+
+
 def exit_now(code: object) -> None:
     """Leave without Python's interpreter teardown (~2 s of freeing torch/transformers modules): every
     result, W&B run and log is written and flushed by then. Only for a finished `python -m lac.run`."""
@@ -64,6 +74,7 @@ def exit_now(code: object) -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    stop_joblib_workers()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -4,6 +4,7 @@ activation cache shared between them, results equal to the basic launcher's."""
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -32,19 +33,36 @@ def job_log(job: Path) -> list[tuple[int, float, str, str]]:
     return [(int(m[1]), float(m[2]), m[3], m[4]) for m in lines if m]
 
 
-def run_sweep(root: Path, *extra: str, activations: Path) -> tuple[str, set[int], list[list]]:
-    """(stdout+stderr, launcher pids, job logs) of the sweep run from `root`."""
+def running(pid: int) -> bool:
+    """A live process (not gone, not a zombie left for init to reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def run_sweep(root: Path, *extra: str, activations: Path) -> tuple[str, set[int], list[list], set[int]]:
+    """(stdout+stderr, launcher pids, job logs, job pids still running once the command has exited)
+    of the sweep run from `root`."""
     root.mkdir(parents=True, exist_ok=True)
-    out = lac_run(root, *SWEEP, *extra, env={"LAC_ACTIVATIONS_DIR": str(activations)})
-    launcher = {int(pid) for pid in re.findall(r"^launcher pid=(\d+) ", out, re.M)}
+    proc = lac_run(root, *SWEEP, *extra, env={"LAC_ACTIVATIONS_DIR": str(activations)}, wait=False)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()  # the pipe stays open while any process holding it lives (a joblib worker would)
+    code = proc.wait(timeout=900)
     logs = [job_log(root / "multirun" / str(num)) for num in (0, 1)]
-    return out, launcher, logs
+    alive = {pid for lines in logs for pid, *_ in lines if pid != proc.pid and running(pid)}
+    reader.join(timeout=900)
+    assert code == 0, out[0][-5000:]
+    launcher = {int(pid) for pid in re.findall(r"^launcher pid=(\d+) ", out[0], re.M)}
+    return out[0], launcher, logs, alive
 
 
 @pytest.mark.slow
 def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     shared = tmp_path / "activations"
-    par_out, par_launcher, par_logs = run_sweep(
+    par_out, par_launcher, par_logs, alive = run_sweep(
         tmp_path / "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", activations=shared
     )
     assert "Joblib.Parallel(n_jobs=2" in par_out and "is launching 2 jobs" in par_out
@@ -59,6 +77,9 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
         assert sum("loaded qwen0.5" in msg for *_, msg in lines) == 1  # each worker loads the model
     spans = [(lines[0][1], lines[-1][1]) for lines in par_logs]
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], f"jobs did not overlap: {spans}"
+    # the workers (a model loaded in each, the command's output pipe held open) end with the sweep,
+    # not 300 s later (loky's idle timeout)
+    assert not alive, f"joblib workers {alive} outlived the sweep"
 
     # one results_root: two job stores, both finished
     store = tmp_path / "joblib" / "store"
@@ -70,7 +91,7 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     assert not [p for p in shared.rglob("*") if p.name.endswith(".tmp")]
 
     # the same sweep, basic launcher (one process), its own results_root and activation cache
-    _, seq_launcher, seq_logs = run_sweep(
+    _, seq_launcher, seq_logs, _ = run_sweep(
         tmp_path / "basic", activations=tmp_path / "activations_basic"
     )
     assert {pid for lines in seq_logs for pid, *_ in lines} == seq_launcher  # the contrast
