@@ -233,8 +233,11 @@ def main(fd: int, verbose: bool = False) -> int:
             _, req = conn.recv()  # ("begin", start_tracker's arguments and the job's environment)
         except (EOFError, OSError):
             return 0  # the job ended, or failed its checks, before a run began; or the process is done
+        service = os.environ.get("WANDB_SERVICE")  # wandb's address of this process's wandb-core
         os.environ.clear()
         os.environ.update(req.pop("environ"))
+        if service:
+            os.environ["WANDB_SERVICE"] = service
         os.chdir(req.pop("cwd"))
         tracking._online_failed = req.pop("online_failed")
         try:
