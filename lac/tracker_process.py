@@ -32,7 +32,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lac import tracking
 from lac.tracking import Tracker, TrackerError
@@ -45,22 +45,19 @@ class RemoteTracker(Tracker):
     treats a run started in a thread and one started here alike)."""
 
     def __init__(self) -> None:
-        global _spare
-        spare, _spare = _spare, None
-        if spare is not None and spare[3] != os.getpid():
-            spare = None  # kept by the process this one was forked from: its child, not ours
-        if spare is not None and spare[1].poll() is None and spare[2] == tracking._VERBOSE:
-            self._conn, self._proc = spare[:2]  # an earlier job's child, idle: this job's run goes there
+        spare = _take_spare()
+        if spare is not None and spare.proc.poll() is None and spare.verbose == tracking._VERBOSE:
+            self._conn, self._proc = spare.conn, spare.proc  # an earlier job's child, idle: this job's run goes there
         else:
             if spare is not None:
-                _let_go(spare[0], spare[1])
+                _let_go(spare.conn, spare.proc)
             self._conn, self._proc = _spawn()
         self._begun = self._started = self._finished = self._released = False
-        self._timeout = float(tracking.DEFAULT_FINISH_TIMEOUT) + 60
+        self._finish_timeout = float(tracking.DEFAULT_FINISH_TIMEOUT)
 
     def begin(self, tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path, name: str) -> None:
         """Ask the child for the run (`wandb.init` there); returns at once."""
-        self._timeout = float(tracking._get(tcfg, "finish_timeout", tracking.DEFAULT_FINISH_TIMEOUT)) + 60
+        self._finish_timeout = float(tracking._get(tcfg, "finish_timeout", tracking.DEFAULT_FINISH_TIMEOUT))
         self._conn.send(("begin", {
             "tcfg": tracking._plain(tcfg), "run_id": run_id, "config": config, "run_dir": Path(run_dir),
             "name": name, "online_failed": tracking._online_failed,
@@ -117,14 +114,15 @@ class RemoteTracker(Tracker):
         if self._begun and not self._finished or self._proc.poll() is not None:
             self.close()
             return
-        if _spare is not None and _spare[3] == os.getpid():
-            _let_go(_spare[0], _spare[1])
-        _spare = (self._conn, self._proc, tracking._VERBOSE, os.getpid())
+        old = _take_spare()
+        if old is not None:
+            _let_go(old.conn, old.proc)
+        _spare = _Kept(self._conn, self._proc, tracking._VERBOSE, os.getpid())
 
     def close(self) -> None:
         """Let the child go: one never begun exits without a run, one begun finishes its run as failed."""
         self._released = True
-        _let_go(self._conn, self._proc, self._timeout)
+        _let_go(self._conn, self._proc, self._finish_timeout)
 
     def _call(self, command: str, *args: Any) -> None:
         self.result()
@@ -150,8 +148,24 @@ class RemoteTracker(Tracker):
                 raise TrackerError(f"the W&B process answered {msg[0]!r} where {expected!r} was due")
 
 
-# an idle child for this process's next job: connection, process, its verbosity, the pid that kept it
-_spare: tuple[Connection, subprocess.Popen, bool, int] | None = None
+class _Kept(NamedTuple):
+    """An idle child kept for this process's next job."""
+
+    conn: Connection
+    proc: subprocess.Popen
+    verbose: bool  # the child's verbosity, from its command line
+    pid: int  # the process that kept it
+
+
+_spare: _Kept | None = None
+
+
+def _take_spare() -> _Kept | None:
+    """The kept child, taken out of `_spare`, if this process kept it: a process forked from the one
+    that did sees a copy of `_spare`, but the child (and its connection) are its parent's."""
+    global _spare
+    spare, _spare = _spare, None
+    return spare if spare is not None and spare.pid == os.getpid() else None
 
 
 def _spawn() -> tuple[Connection, subprocess.Popen]:
@@ -169,13 +183,13 @@ def _spawn() -> tuple[Connection, subprocess.Popen]:
 
 
 def _let_go(conn: Connection, proc: subprocess.Popen,
-            timeout: float = float(tracking.DEFAULT_FINISH_TIMEOUT) + 60) -> None:
-    """Close the connection and wait for the child; `timeout`: wandb's own finish timeout has long
-    passed by then (a begun run is finished as failed first)."""
+            finish_timeout: float = float(tracking.DEFAULT_FINISH_TIMEOUT)) -> None:
+    """Close the connection and wait for the child (a begun run is finished as failed first); a minute
+    past wandb's own `finish_timeout` it is killed."""
     with contextlib.suppress(OSError):
         conn.close()
     try:
-        proc.wait(timeout=timeout)
+        proc.wait(timeout=finish_timeout + 60)
     except subprocess.TimeoutExpired:
         proc.kill()
 
@@ -183,10 +197,9 @@ def _let_go(conn: Connection, proc: subprocess.Popen,
 def shutdown() -> None:
     """Let the kept child go (it exits; it holds no open run). A process that simply exits needs
     none of this: the child sees its connection close and exits by itself."""
-    global _spare
-    spare, _spare = _spare, None
-    if spare is not None and spare[3] == os.getpid():
-        _let_go(spare[0], spare[1])
+    spare = _take_spare()
+    if spare is not None:
+        _let_go(spare.conn, spare.proc)
 
 
 class _ToParent(logging.Handler):

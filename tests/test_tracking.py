@@ -564,7 +564,7 @@ def test_run_in_its_own_process_equals_the_in_process_run(tmp_path, caplog):
         remote.log_results(df, summary)
         remote.finish()
         remote.finish()  # idempotent
-    assert remote._proc.poll() is None and lac.tracker_process._spare[1] is remote._proc  # kept for a next job
+    assert remote._proc.poll() is None and lac.tracker_process._spare.proc is remote._proc  # kept for a next job
     assert Path(remote.url_or_dir) == find_runs(tmp_path / "child")[0]
     assert remote.sync_command == f"wandb sync {remote.url_or_dir}"
     assert any("W&B offline run finished" in r.getMessage() and remote.url_or_dir in r.getMessage()
@@ -588,7 +588,7 @@ def test_a_child_never_asked_for_a_run_leaves_none(tmp_path):
 
     remote = RemoteTracker()
     remote.release()  # what a job that failed before its checks passed does
-    assert lac.tracker_process._spare[1] is remote._proc and remote._proc.poll() is None
+    assert lac.tracker_process._spare.proc is remote._proc and remote._proc.poll() is None
     lac.tracker_process.shutdown()
     assert remote._proc.wait(timeout=60) == 0 and lac.tracker_process._spare is None
     remote = RemoteTracker()
@@ -691,14 +691,15 @@ def test_a_forked_process_does_not_take_its_parents_child():
     lac.tracker_process.shutdown()
     first = RemoteTracker()
     first.release()
-    conn, proc, verbose, pid = lac.tracker_process._spare
-    lac.tracker_process._spare = (conn, proc, verbose, pid + 1)  # what a forked process sees
+    kept = lac.tracker_process._spare
+    conn, proc = kept.conn, kept.proc
+    lac.tracker_process._spare = kept._replace(pid=kept.pid + 1)  # what a forked process sees
     try:
         second = RemoteTracker()
         assert second._proc is not proc and proc.poll() is None and not conn.closed
         second.close()
         assert second._proc.returncode == 0
     finally:
-        lac.tracker_process._spare = (conn, proc, verbose, pid)
+        lac.tracker_process._spare = kept
         lac.tracker_process.shutdown()
     assert proc.returncode == 0
