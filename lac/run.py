@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lac.errors import LacError
+from lac.leave import exit_now
 from lac.multirun import full_error, record_failure
 from lac.paths import conf_dir
 from lac.runner import run
@@ -53,32 +54,6 @@ def drop_if_empty(job_dir: Path, log_name: str) -> None:
             shutil.rmtree(job_dir)
     except OSError:
         pass  # a folder it cannot read or remove stays, as before
-
-
-def stop_joblib_workers() -> None:
-    """hydra/launcher=joblib: loky keeps its worker processes, each with a model loaded (~1.1 GB for
-    the embedded one), for 300 s after their last job; exit_now skips the interpreter's exit, where
-    loky would stop them. Every job has finished (its results and W&B run written) by then."""
-    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
-    executor = getattr(loky, "_executor", None)
-    if executor is not None:
-        executor.shutdown(wait=True, kill_workers=True)
-
-
-def exit_now(code: object) -> None:
-    """Leave without Python's interpreter teardown (~2 s of freeing torch/transformers modules): every
-    result, W&B run and log is written and flushed by then. Only for a finished `python -m lac.run`."""
-    import logging
-    import os
-
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    stop_joblib_workers()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,9 @@ def _serve(conn: Connection, send, tracker: Tracker) -> bool:
 
 if __name__ == "__main__":
     code = main(int(sys.argv[1]), sys.argv[2:3] == ["1"])
-    # the run is finished and written: skip wandb's teardown at exit (~0.2 s waiting for its service,
-    # which exits by itself once this process is gone), as `python -m lac.run` skips Python's
+    # every run is finished and written: stop wandb-core and wait for it (~5 ms; left to exit by itself,
+    # it would stay a zombie under a PID 1 that does not reap), then skip Python's teardown at exit
+    with contextlib.suppress(Exception):
+        sys.modules["wandb"].teardown()
     logging.shutdown()
     os._exit(code)

@@ -3,7 +3,10 @@ activation cache shared between them, results equal to the basic launcher's."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +15,9 @@ import pytest
 
 from lac.schema import COLUMNS
 from tests.conftest import assert_same_results
+from tests.subreaper import leftovers
 from tests.test_run import lac_run
+from tests.wandb_reader import find_runs
 
 # every job log line carries the pid and time of the process that wrote it; the launcher's own
 # lines (Hydra's logging, on stdout) carry its pid
@@ -21,7 +26,7 @@ LAUNCHER_FORMAT = (
     "hydra.hydra_logging.formatters.simple.format='launcher pid=%(process)d [HYDRA] %(message)s'"
 )
 LINE = re.compile(r"^pid=(\d+) t=([0-9.]+) \[([^\]]*)\] (.*)$")
-SWEEP = ["-m", "layer=6,10", "site=p_last", "tracker=none", LOG_FORMAT, LAUNCHER_FORMAT]
+SWEEP = ["-m", "layer=6,10", "site=p_last", LOG_FORMAT, LAUNCHER_FORMAT]
 CELLS = {"yoda__haiku", "yoda__recommend", "marx__haiku", "marx__recommend"}
 
 
@@ -44,9 +49,9 @@ def running(pid: int) -> bool:
 
 def run_sweep(root: Path, *extra: str, activations: Path) -> tuple[str, set[int], list[list], set[int]]:
     """(stdout+stderr, launcher pids, job logs, job pids still running once the command has exited)
-    of the sweep run from `root`."""
+    of the sweep run from `root`, under tests/subreaper.py."""
     root.mkdir(parents=True, exist_ok=True)
-    proc = lac_run(root, *SWEEP, *extra, env={"LAC_ACTIVATIONS_DIR": str(activations)}, wait=False)
+    proc = lac_run(root, *SWEEP, *extra, env={"LAC_ACTIVATIONS_DIR": str(activations)}, wait=False, subreaper=True)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
     reader.start()  # the pipe stays open while any process holding it lives (a joblib worker would)
@@ -63,7 +68,7 @@ def run_sweep(root: Path, *extra: str, activations: Path) -> tuple[str, set[int]
 def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     shared = tmp_path / "activations"
     par_out, par_launcher, par_logs, alive = run_sweep(
-        tmp_path / "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", activations=shared
+        tmp_path / "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "tracker=wandb", activations=shared
     )
     assert "Joblib.Parallel(n_jobs=2" in par_out and "is launching 2 jobs" in par_out
 
@@ -80,6 +85,11 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     # the workers (a model loaded in each, the command's output pipe held open) end with the sweep,
     # not 300 s later (loky's idle timeout)
     assert not alive, f"joblib workers {alive} outlived the sweep"
+    # each worker's W&B child and wandb-core, killed with it, were reaped: nothing of lac's is left
+    # for a PID 1 that never reaps (loky's resource trackers are joblib's own, left by any joblib script)
+    left = [p for p in leftovers(par_out) if "resource_tracker" not in p["cmd"]]
+    assert left == [], left
+    assert sum(len(find_runs(tmp_path / "joblib" / "multirun" / str(num))) for num in (0, 1)) == 2
 
     # one results_root: two job stores, both finished
     store = tmp_path / "joblib" / "store"
@@ -92,7 +102,7 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
 
     # the same sweep, basic launcher (one process), its own results_root and activation cache
     _, seq_launcher, seq_logs, _ = run_sweep(
-        tmp_path / "basic", activations=tmp_path / "activations_basic"
+        tmp_path / "basic", "tracker=none", activations=tmp_path / "activations_basic"
     )
     assert {pid for lines in seq_logs for pid, *_ in lines} == seq_launcher  # the contrast
     for num, layer in ((0, 6), (1, 10)):
@@ -101,3 +111,40 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
         assert list(a.columns) == list(COLUMNS)
         assert set(a.cell) == CELLS and set(a[a.metric == "kl"].layer) == {layer}
         assert_same_results(a, b)
+
+
+WORKERS_WITH_CHILDREN = """
+import os
+import subprocess
+
+from joblib import Parallel, delayed
+
+from lac.leave import stop_joblib_workers
+
+
+def start_child():
+    global child  # a child of the worker's own, as a job's W&B child is
+    child = subprocess.Popen(["sleep", "120"])
+    return child.pid
+
+
+print("children", Parallel(n_jobs=2, backend="loky")(delayed(start_child)() for _ in range(2)), flush=True)
+stop_joblib_workers()
+os._exit(0)  # as `python -m lac.run` leaves
+"""
+
+
+def test_stopped_joblib_workers_leave_no_children_behind(tmp_path):
+    """lac.leave.stop_joblib_workers kills loky's workers with their descendants and reaps those:
+    under a PID 1 that never reaps, none is left (before: each a zombie)."""
+    from tests.subreaper import command
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(command(sys.executable, "-c", WORKERS_WITH_CHILDREN), cwd=repo, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    children = [int(pid) for pid in re.findall(r"\d+", out.stdout.split("children", 1)[1].splitlines()[0])]
+    assert len(children) == 2
+    left = [p for p in leftovers(out.stdout) if "resource_tracker" not in p["cmd"]]
+    assert left == [], left
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # killed and reaped

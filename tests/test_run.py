@@ -16,6 +16,8 @@ import pytest
 
 from lac.schema import COLUMNS
 from tests.conftest import assert_same_results
+from tests.subreaper import command as under_subreaper
+from tests.subreaper import leftovers
 from tests.wandb_reader import find_runs, read_run
 
 pytestmark = pytest.mark.slow  # every test runs `python -m lac.run` on the embedded model
@@ -27,13 +29,17 @@ tasks: {haiku: Write a haiku about Monday mornings., recommend: Recommend a book
 """
 
 
-def lac_run(tmp_path, *args, env=None, wait=True):
+def lac_run(tmp_path, *args, env=None, wait=True, subreaper=False):
+    """`python -m lac.run` on GRID; `subreaper`: under tests/subreaper.py (its output's last line
+    lists the processes the command left behind)."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID)
     flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
     cmd = [sys.executable, "-m", "lac.run", *flags, "grid=custom", f"grid.path={grid}", "model.device=cpu",
            f"results_root={tmp_path / 'store'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
            f"hydra.run.dir={tmp_path / 'run'}", *[a for a in args if not a.startswith("-")]]
+    if subreaper:
+        cmd = under_subreaper(*cmd)
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,7 +49,10 @@ def lac_run(tmp_path, *args, env=None, wait=True):
 
 
 def test_multirun_of_two_layers_writes_two_jobs_and_wandb_runs(tmp_path):
-    log = lac_run(tmp_path, "-m", "layer=6,10", "site=transition")
+    log = lac_run(tmp_path, "-m", "layer=6,10", "site=transition", subreaper=True)
+    # the shared W&B child and its wandb-core were stopped and waited for: a container's PID 1 that
+    # never reaps keeps nothing (before lac.leave: the child and wandb-core, as zombies)
+    assert leftovers(log) == []
     for num, layer in ((0, 6), (1, 10)):
         job = tmp_path / "multirun" / str(num)
         df = pd.read_parquet(job / "results.parquet")

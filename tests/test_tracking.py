@@ -703,3 +703,48 @@ def test_a_forked_process_does_not_take_its_parents_child():
         lac.tracker_process._spare = kept
         lac.tracker_process.shutdown()
     assert proc.returncode == 0
+
+
+# --------------------------------------------------------------------------- nothing left behind
+
+LEAVE_SCRIPT = """
+import sys
+from pathlib import Path
+
+from test_tracking import job_config, results_df, tcfg
+
+from lac.leave import exit_now
+from lac.results import summarize
+from lac.tracking import run_id_for, start_tracker
+
+where, run_dir = sys.argv[1], Path(sys.argv[2])
+kw = dict(run_id=run_id_for("0123456789abcdef", tcfg()), config=job_config(), run_dir=run_dir, name="j")
+if where == "process":
+    from lac.tracker_process import RemoteTracker
+
+    tracker = RemoteTracker()
+    tracker.begin(tcfg(), **kw)
+    tracker.result()
+else:
+    tracker = start_tracker(tcfg(), **kw)
+df = results_df()
+tracker.log_results(df, summarize(df))
+tracker.finish()
+exit_now(0)  # as `python -m lac.run` leaves
+"""
+
+
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_a_finished_job_leaves_no_process_behind(tmp_path, where):
+    """lac.leave: a job leaves by os._exit; its W&B child (tracker.process) or wandb-core (the
+    thread) is stopped and waited for first, so a PID 1 that never reaps (a container without an
+    init) is left no zombies (before: the child and wandb-core, or wandb-core)."""
+    from subreaper import command, leftovers
+
+    env = {**__import__("os").environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    out = subprocess.run(command(sys.executable, "-c", LEAVE_SCRIPT, where, str(tmp_path / "run")),
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert leftovers(out.stdout) == []
+    (run,) = find_runs(tmp_path / "run")
+    assert read_run(run).exit_code == 0  # the run itself is whole
