@@ -21,6 +21,7 @@ job sees the same W&B variables and relative paths as in a child of its own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -195,11 +196,15 @@ def _let_go(conn: Connection, proc: subprocess.Popen,
 
 
 def shutdown() -> None:
-    """Let the kept child go (it exits; it holds no open run). A process that simply exits needs
-    none of this: the child sees its connection close and exits by itself."""
+    """Let the kept child go (it exits; it holds no open run) and wait for it: at Python's exit
+    (atexit) and `python -m lac.run`'s (lac.leave) too, since a child left to exit by itself goes to
+    PID 1, and a container's PID 1 that never reaps keeps it as a zombie."""
     spare = _take_spare()
     if spare is not None:
         _let_go(spare.conn, spare.proc)
+
+
+atexit.register(shutdown)
 
 
 class _ToParent(logging.Handler):

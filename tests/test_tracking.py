@@ -717,7 +717,7 @@ from lac.leave import exit_now
 from lac.results import summarize
 from lac.tracking import run_id_for, start_tracker
 
-where, run_dir = sys.argv[1], Path(sys.argv[2])
+where, run_dir, leave = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 kw = dict(run_id=run_id_for("0123456789abcdef", tcfg()), config=job_config(), run_dir=run_dir, name="j")
 if where == "process":
     from lac.tracker_process import RemoteTracker
@@ -730,19 +730,22 @@ else:
 df = results_df()
 tracker.log_results(df, summarize(df))
 tracker.finish()
-exit_now(0)  # as `python -m lac.run` leaves
-"""
+if leave == "exit_now":
+    exit_now(0)  # as `python -m lac.run` leaves
+"""  # else Python's own exit, as a script, a notebook or a submitit job leaves
 
 
+@pytest.mark.parametrize("leave", ["exit_now", "python"])
 @pytest.mark.parametrize("where", ["process", "thread"])
-def test_a_finished_job_leaves_no_process_behind(tmp_path, where):
-    """lac.leave: a job leaves by os._exit; its W&B child (tracker.process) or wandb-core (the
-    thread) is stopped and waited for first, so a PID 1 that never reaps (a container without an
-    init) is left no zombies (before: the child and wandb-core, or wandb-core)."""
+def test_a_finished_job_leaves_no_process_behind(tmp_path, where, leave):
+    """lac.leave: `python -m lac.run` leaves by os._exit; its W&B child (tracker.process) or
+    wandb-core (the thread) is stopped and waited for first, and at Python's own exit the kept
+    child is too (atexit), so a PID 1 that never reaps (a container without an init) is left no
+    zombies (before: the child and wandb-core, or wandb-core)."""
     from subreaper import command, leftovers
 
     env = {**__import__("os").environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
-    out = subprocess.run(command(sys.executable, "-c", LEAVE_SCRIPT, where, str(tmp_path / "run")),
+    out = subprocess.run(command(sys.executable, "-c", LEAVE_SCRIPT, where, str(tmp_path / "run"), leave),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert leftovers(out.stdout) == []
