@@ -42,7 +42,8 @@ def stop_tracker_children() -> None:
         remote.shutdown()
     wandb = sys.modules.get("wandb")
     if wandb is not None:
-        wandb.teardown()
+        with contextlib.suppress(Exception):  # the exit goes on whatever wandb's state
+            wandb.teardown()
 
 
 def stop_joblib_workers() -> None:
