@@ -9,6 +9,7 @@ reported and the sweep goes on (lac.multirun).
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -56,9 +57,22 @@ def drop_if_empty(job_dir: Path, log_name: str) -> None:
         pass  # a folder it cannot read or remove stays, as before
 
 
+def interrupted() -> None:
+    """Ctrl-C: one line, not a traceback through torch's forward (HYDRA_FULL_ERROR=1 shows it); the
+    job's W&B run has ended as failed by now, and its written batches stay for the rerun."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the exit short
+    print("lac: interrupted; finished jobs and the cells written so far are kept: the same command "
+          "resumes from them", file=sys.stderr)
+    exit_now(130)
+
+
 if __name__ == "__main__":
     try:
         main()
-    except SystemExit as e:  # Hydra and lac end with sys.exit(code); exceptions keep Python's own exit
+    except SystemExit as e:  # Hydra and lac end with sys.exit(code); other exceptions keep Python's own exit
         exit_now(e.code)
+    except KeyboardInterrupt:
+        if full_error():
+            raise
+        interrupted()
     exit_now(0)

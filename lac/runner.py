@@ -341,7 +341,12 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     from lac.tracking import note_phase
 
     note_phase("lightning set-up", time.monotonic() - t0)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    try:
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1): it stays a Ctrl-C for lac.run
+            raise KeyboardInterrupt from None
+        raise
     log.info("activation cache %s: %s", cache.key, cache.hits)
 
 

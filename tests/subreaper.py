@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> int:
                 seen[pid] = cmd  # the latest: a process may exec
 
     proc = subprocess.Popen(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the command's group is not for PID 1
     while proc.poll() is None:
         look()
         time.sleep(0.1)
@@ -78,7 +80,7 @@ def main(argv: list[str]) -> int:
         time.sleep(0.05)
     report = [{"pid": pid, "state": st[1], "cmd": seen.get(pid, "")} for pid, st in sorted(left.items())]
     print(PREFIX + json.dumps(report), flush=True)
-    return proc.returncode
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # as a shell reports a signal
 
 
 def command(*argv: str) -> list[str]:

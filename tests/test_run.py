@@ -41,8 +41,9 @@ def lac_run(tmp_path, *args, env=None, wait=True, subreaper=False):
     if subreaper:
         cmd = under_subreaper(*cmd)
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:  # in a process group of its own, as a terminal's foreground job
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
     out = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return out.stdout + out.stderr
@@ -148,6 +149,42 @@ def test_sigkill_mid_sweep_then_rerun_resumes_without_recomputing(tmp_path):
         b = pd.read_parquet(clean / "multirun" / str(num) / "results.parquet")
         # the resumed job captured fewer cells per prefix tree: float32 batch-shape noise only
         assert_same_results(a, b)
+
+
+@pytest.mark.parametrize("when", ["clean captures", "patched steps"])
+def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(tmp_path, when):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) in the clean captures (lac's
+    own forwards) or in the patched steps (Lightning's predict loop, which turns it into exit code 1):
+    one line, not a traceback, exit code 130, the W&B run ended as failed, no process left behind;
+    the same command then finishes the job without recomputing the written cells."""
+    args = ["layer=6", "site=p_last", "engine.batch_cells=1"]
+    proc = lac_run(tmp_path, *args, wait=False, subreaper=True)
+    store, head = tmp_path / "store", []
+    if when == "clean captures":
+        for line in proc.stdout:  # the clean captures start once the model is loaded (~6 s of them)
+            head.append(line)
+            if "loaded qwen0.5" in line:
+                break
+    else:
+        deadline = time.monotonic() + 600
+        while not _part_cells(store) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = "".join(head) + proc.communicate(timeout=300)[0]
+    before = _part_cells(store)
+    assert proc.returncode == 130, out[-3000:]
+    assert "clean captures: 4/4" not in out if when == "clean captures" else 1 <= len(before) < 4
+    assert "lac: interrupted; finished jobs and the cells written so far are kept" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert leftovers(out) == []
+    (run,) = find_runs(tmp_path / "run")
+    assert read_run(run).exit_code == 1  # ended as failed, not left open
+
+    log = lac_run(tmp_path, *args)
+    after = _part_cells(store)
+    assert len(after) == len(set(after)) == 4 and set(before) <= set(after)  # none recomputed
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert len(df[df.metric == "kl"]) == 4 and "cells done" in log
 
 
 def _submitit_workers() -> list[int]:
