@@ -9,6 +9,7 @@ basic-launcher multirun.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from lac.cache import ActivationCache
 from lac.capture import CellCapture, capture_cells
 from lac.config import ConfigError, Spec, job_key, preflight
 from lac.engine import Row, eos_ids, greedy
+from lac.errors import LacError
 from lac.grid import Cell
 from lac.interventions import Intervention, get_intervention, roles_needed
 from lac.io import atomic_write_bytes
@@ -548,6 +550,9 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
     log.info("%s", timing_line(summary.get("seconds"), time.monotonic() - t0))
 
 
+_FULL_OR_LOCKED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # a disk full, read-only or not ours
+
+
 def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     """One job end to end; returns its summary. Re-running a finished job loads no model;
     `rerun=true` recomputes it and swaps the new results in atomically."""
@@ -568,26 +573,33 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.time()
     run_id, name = run_id_for(key, cfg.tracker), f"{cfg.model.name}-{spec.grid.name}-{key[:8]}"
     pending = None
-    with final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
-        if not rerun and final.done:
-            log.info("job %s already finished in %s: reusing its results", key, final.dir)
-            summary = json.loads((final.dir / "summary.json").read_text())
-        else:
-            store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
-            if rerun:
-                log.info("rerun=true: recomputing job %s in %s", key, store.dir)
-            early = _EarlyRun(cfg, store, run_id, job_dir, name, config)
-            try:
-                summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=early.loaded,
-                                         on_checked=early.checked)
-                pending = early.for_track()
-            except BaseException:
-                store.discard_if_empty()
-                early.abandon()
-                raise
-            store.publish()
-        _copy_into(job_dir, final)
-        _track(cfg, final, run_id, job_dir, name, config, pending)
+    try:
+        with final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
+            if not rerun and final.done:
+                log.info("job %s already finished in %s: reusing its results", key, final.dir)
+                summary = json.loads((final.dir / "summary.json").read_text())
+            else:
+                store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
+                if rerun:
+                    log.info("rerun=true: recomputing job %s in %s", key, store.dir)
+                early = _EarlyRun(cfg, store, run_id, job_dir, name, config)
+                try:
+                    summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=early.loaded,
+                                             on_checked=early.checked)
+                    pending = early.for_track()
+                except BaseException:
+                    store.discard_if_empty()
+                    early.abandon()
+                    raise
+                store.publish()
+            _copy_into(job_dir, final)
+            _track(cfg, final, run_id, job_dir, name, config, pending)
+    except OSError as e:
+        if e.errno not in _FULL_OR_LOCKED:
+            raise
+        where = f": {e.filename}" if e.filename else ""  # a failed write() names no file
+        raise LacError(f"{e.strerror}{where}; the cells written before it are kept in {final.dir}: "
+                       "free space (or fix the permissions) and run the same command again") from e
     print(format_table(summary["summary"]))
     log.info("results: %s (job store %s)", job_dir.resolve(), final.dir)
     return summary

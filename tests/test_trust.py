@@ -7,6 +7,7 @@ things between runs (flip a byte, truncate a file, drop a W&B marker).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -98,6 +99,49 @@ def test_publish_swaps_a_rerun_in_and_discard_leaves_nothing(tmp_path):
     assert not empty.dir.exists()
     _store(tmp_path, "kept").discard_if_empty()
     assert (tmp_path / "kept").exists()  # computed cells are never thrown away
+
+
+@pytest.mark.parametrize("named", [True, False])  # a failed open() names its file, a failed write() none
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_disk_mid_job_is_one_line_and_keeps_the_written_cells(tmp_path, monkeypatch, code, named):
+    """A disk that fills up (or turns read-only, or a folder that is not ours) while a job writes:
+    a LacError (`lac: ...`, one line, exit 2) naming the file and the fix, not a traceback; the
+    parts written before it stay for the same command to resume from."""
+    from lac import runner
+    from lac.errors import LacError
+    from tests.conftest import compose
+
+    cfg = compose(["tracker=none", f"results_root={tmp_path / 'store'}"])
+    tmp = []
+
+    def fake_compute(cfg_, spec, store, key, config, t0, on_loaded=None, on_checked=None):
+        store.claim(config)
+        store.write_part("p1", frame(_rows(["yoda__haiku"])), ["yoda__haiku"])
+        tmp.append(store.parts / ".p2.parquet.abc.tmp")
+        raise OSError(code, os.strerror(code), *([str(tmp[0])] if named else []))  # the next part's write
+
+    monkeypatch.setattr(runner, "_compute", fake_compute)
+    with pytest.raises(LacError) as err:
+        runner.run(cfg, job_dir=tmp_path / "job")
+    store = JobStore(tmp_path / "store", runner.job_key(cfg))
+    where = f": {tmp[0]}" if named else ""
+    assert str(err.value) == (f"{os.strerror(code)}{where}; the cells written before it are kept in "
+                              f"{store.dir}: free space (or fix the permissions) and run the same command again")
+    assert isinstance(err.value.__cause__, OSError) and "\n" not in str(err.value)
+    _, _, cells = store.read_parts()
+    assert cells == {"yoda__haiku"}  # kept: the rerun skips this cell
+
+
+def test_other_os_errors_of_a_job_stay_what_they_are(tmp_path, monkeypatch):
+    from lac import runner
+    from tests.conftest import compose
+
+    def fake_compute(*args, **kwargs):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(runner, "_compute", fake_compute)
+    with pytest.raises(ConnectionResetError):
+        runner.run(compose(["tracker=none", f"results_root={tmp_path}"]), job_dir=tmp_path / "job")
 
 
 def _hold(root, q):
