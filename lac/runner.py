@@ -9,11 +9,12 @@ basic-launcher multirun.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -553,6 +554,20 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
 _FULL_OR_LOCKED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}  # a disk full, read-only or not ours
 
 
+@contextlib.contextmanager
+def _full_disk_is_one_line(store_dir: Path) -> Iterator[None]:
+    """A disk that fills up while a job writes: a LacError (`lac: ...`, exit 2) that says what is kept
+    and what to do, not a traceback through Lightning; other OS errors stay what they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _FULL_OR_LOCKED:
+            raise
+        where = f": {e.filename}" if e.filename else ""  # a failed write() names no file
+        raise LacError(f"{e.strerror}{where}; the cells written before it are kept in {store_dir}: "
+                       "free space (or fix the permissions) and run the same command again") from e
+
+
 def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     """One job end to end; returns its summary. Re-running a finished job loads no model;
     `rerun=true` recomputes it and swaps the new results in atomically."""
@@ -573,33 +588,26 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     t0 = time.time()
     run_id, name = run_id_for(key, cfg.tracker), f"{cfg.model.name}-{spec.grid.name}-{key[:8]}"
     pending = None
-    try:
-        with final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
-            if not rerun and final.done:
-                log.info("job %s already finished in %s: reusing its results", key, final.dir)
-                summary = json.loads((final.dir / "summary.json").read_text())
-            else:
-                store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
-                if rerun:
-                    log.info("rerun=true: recomputing job %s in %s", key, store.dir)
-                early = _EarlyRun(cfg, store, run_id, job_dir, name, config)
-                try:
-                    summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=early.loaded,
-                                             on_checked=early.checked)
-                    pending = early.for_track()
-                except BaseException:
-                    store.discard_if_empty()
-                    early.abandon()
-                    raise
-                store.publish()
-            _copy_into(job_dir, final)
-            _track(cfg, final, run_id, job_dir, name, config, pending)
-    except OSError as e:
-        if e.errno not in _FULL_OR_LOCKED:
-            raise
-        where = f": {e.filename}" if e.filename else ""  # a failed write() names no file
-        raise LacError(f"{e.strerror}{where}; the cells written before it are kept in {final.dir}: "
-                       "free space (or fix the permissions) and run the same command again") from e
+    with _full_disk_is_one_line(final.dir), final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
+        if not rerun and final.done:
+            log.info("job %s already finished in %s: reusing its results", key, final.dir)
+            summary = json.loads((final.dir / "summary.json").read_text())
+        else:
+            store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final
+            if rerun:
+                log.info("rerun=true: recomputing job %s in %s", key, store.dir)
+            early = _EarlyRun(cfg, store, run_id, job_dir, name, config)
+            try:
+                summary, _, _ = _compute(cfg, spec, store, key, config, t0, on_loaded=early.loaded,
+                                         on_checked=early.checked)
+                pending = early.for_track()
+            except BaseException:
+                store.discard_if_empty()
+                early.abandon()
+                raise
+            store.publish()
+        _copy_into(job_dir, final)
+        _track(cfg, final, run_id, job_dir, name, config, pending)
     print(format_table(summary["summary"]))
     log.info("results: %s (job store %s)", job_dir.resolve(), final.dir)
     return summary
