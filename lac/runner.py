@@ -346,8 +346,10 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     note_phase("lightning set-up", time.monotonic() - t0)
     try:
         trainer.predict(module, dataloaders=loader, return_predictions=False)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1): it stays a Ctrl-C for lac.run
+    except SystemExit as e:
+        # Lightning turns Ctrl-C into sys.exit(1) while handling it: it stays a Ctrl-C for lac.run. Any
+        # other exit (submitit's requeue on USR2) goes on as it is.
+        if isinstance(e.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         raise
     log.info("activation cache %s: %s", cache.key, cache.hits)
