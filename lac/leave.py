@@ -28,6 +28,7 @@ def exit_now(code: object) -> None:
         code = 1
     stop_tracker_children()
     stop_joblib_workers()
+    reap_exited()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -61,6 +62,16 @@ def stop_joblib_workers() -> None:
     orphans = descendants(workers) if become_subreaper() else set()
     executor.shutdown(wait=True, kill_workers=True)
     reap(orphans)
+
+
+def reap_exited() -> None:
+    """Reap every child that has already exited, without waiting for a live one. As a joblib sweep's
+    subreaper (lac.multirun), these include the W&B processes of workers that joblib killed on Ctrl-C;
+    left here, they would pass to PID 1 as zombies. Only on the way out: a Popen waiting for one of
+    them would find it gone."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
 
 
 def become_subreaper() -> bool:

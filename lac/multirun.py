@@ -80,6 +80,7 @@ class LacCallback(Callback):
         from hydra.core.global_hydra import GlobalHydra
 
         from lac.config import preflight
+        from lac.leave import become_subreaper
         from lac.runner import plan_sweep_depth
 
         target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
@@ -87,6 +88,8 @@ class LacCallback(Callback):
             print("lac: hydra/launcher=slurm needs SLURM's srun on PATH (a cluster's login node); on this machine "
                   "use hydra/launcher=local or hydra/launcher=joblib; no job was started", file=sys.stderr)
             sys.exit(2)
+        if target.endswith("JoblibLauncher"):
+            become_subreaper()  # joblib kills its workers itself on Ctrl-C: their W&B processes come here
         loader = GlobalHydra.instance().config_loader()
         jobs = job_overrides(config)
         bad, composed = [], {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -148,3 +150,26 @@ def test_stopped_joblib_workers_leave_no_children_behind(tmp_path):
     left = [p for p in leftovers(out.stdout) if "resource_tracker" not in p["cmd"]]
     assert left == [], left
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # killed and reaped
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_joblib_sweep_leaves_nothing_of_lacs_behind(tmp_path):
+    """Ctrl-C (SIGINT to the sweep's process group) once a batch is written: joblib kills its workers
+    itself, before lac's exit; as the sweep's subreaper lac reaps their W&B processes and wandb-cores,
+    which a PID 1 that never reaps would keep. One line, exit code 130. (A worker's run may still end
+    without its exit record: joblib kills it mid-finish.)"""
+    from tests.test_run import _part_cells
+
+    proc = lac_run(tmp_path, "-m", "layer=6,10", "site=p_last", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "engine.batch_cells=1", wait=False, subreaper=True,
+                   env={"LAC_ACTIVATIONS_DIR": str(tmp_path / "activations")})
+    deadline = time.monotonic() + 600
+    while not _part_cells(tmp_path / "store") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "lac: interrupted; finished jobs and the cells written so far are kept" in out
+    left = [p for p in leftovers(out) if "resource_tracker" not in p["cmd"]]
+    assert left == [], left
+    assert len(find_runs(tmp_path / "multirun")) == 2  # both jobs had begun their runs
