@@ -7,6 +7,7 @@ can reach a W&B server.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -548,8 +549,6 @@ def _run_of(root: Path):
 def test_run_in_its_own_process_equals_the_in_process_run(tmp_path, caplog):
     """lac.tracker_process: the child logs the same config, summary, history and tables as
     start_tracker in this process, in a process of its own, and its log lines reach ours."""
-    import os
-
     from lac.tracker_process import RemoteTracker
 
     df, summary, rid = results_df(), summarize(results_df()), run_id_for("0123456789abcdef", tcfg())
@@ -642,7 +641,6 @@ def test_a_multiruns_later_jobs_reuse_the_child(tmp_path, monkeypatch):
 def test_when_the_jobs_process_goes_away_its_run_ends_as_failed(tmp_path):
     """The child sees the connection close without a finish (the job's process was killed): it
     finishes the run with exit code 1 instead of leaving it open."""
-    import os
     import signal
 
     from lac.tracker_process import RemoteTracker
@@ -744,7 +742,7 @@ def test_a_finished_job_leaves_no_process_behind(tmp_path, where, leave):
     zombies (before: the child and wandb-core, or wandb-core)."""
     from subreaper import command, leftovers
 
-    env = {**__import__("os").environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     out = subprocess.run(command(sys.executable, "-c", LEAVE_SCRIPT, where, str(tmp_path / "run"), leave),
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
