@@ -519,6 +519,7 @@ def configure_logging(verbose: Any = False) -> bool:
     global _VERBOSE
     import warnings
 
+    bars_lock_in_process()
     _VERBOSE = verbose_requested(verbose)
     logging.getLogger("lac").setLevel(logging.DEBUG if _VERBOSE else logging.INFO)
     if _VERBOSE:
@@ -586,6 +587,18 @@ def note_beside(work: str, seconds: float) -> None:
     _BESIDE[work] = _BESIDE.get(work, 0.0) + seconds
 
 
+def bars_lock_in_process() -> None:
+    """tqdm's bars, lac's and Lightning's, lock with a thread lock. tqdm's default adds a
+    multiprocessing lock, a named semaphore that only processes forked after it share; a killed
+    joblib worker leaves its own to the resource tracker, which reports it as "leaked"."""
+    import threading
+
+    from tqdm import std
+
+    if "_lock" not in vars(std.tqdm):  # a lock tqdm already made (or was given) stays
+        std.tqdm.set_lock(threading.RLock())
+
+
 @contextlib.contextmanager
 def phase_progress(phase: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
     """Progress of a phase outside Lightning's predict loop (clean captures, generation): a tqdm bar
@@ -593,6 +606,7 @@ def phase_progress(phase: str, total: int, unit: str) -> Iterator[Callable[[int]
     Yields `advance(n)`."""
     from tqdm.auto import tqdm
 
+    bars_lock_in_process()
     bar = tqdm(total=total, desc=phase, unit=unit, leave=False, disable=not _progress_enabled(), dynamic_ncols=True)
     t0 = time.monotonic()
     try:

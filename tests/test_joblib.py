@@ -91,6 +91,7 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     # for a PID 1 that never reaps (loky's resource trackers are joblib's own, left by any joblib script)
     left = [p for p in leftovers(par_out) if "resource_tracker" not in p["cmd"]]
     assert left == [], left
+    assert "leaked" not in par_out, par_out[-3000:]  # no resource tracker's warning ends the sweep
     assert sum(len(find_runs(tmp_path / "joblib" / "multirun" / str(num))) for num in (0, 1)) == 2
 
     # one results_root: two job stores, both finished
@@ -119,18 +120,23 @@ WORKERS_WITH_CHILDREN = """
 import os
 import subprocess
 
+import numpy as np
 from joblib import Parallel, delayed
 
 from lac.leave import stop_joblib_workers
+from lac.tracking import phase_progress
 
 
-def start_child():
+def start_child(weights):
     global child  # a child of the worker's own, as a job's W&B child is
     child = subprocess.Popen(["sleep", "120"])
+    with phase_progress("clean captures", 1, "cell") as advance:  # a job's bar, as in a worker
+        advance(1)
     return child.pid
 
 
-print("children", Parallel(n_jobs=2, backend="loky")(delayed(start_child)() for _ in range(2)), flush=True)
+weights = np.zeros(2**20)  # 8 MB: joblib memory-maps it through a folder in /dev/shm
+print("children", Parallel(n_jobs=2, backend="loky")(delayed(start_child)(weights) for _ in range(2)), flush=True)
 stop_joblib_workers()
 os._exit(0)  # as `python -m lac.run` leaves
 """
@@ -138,7 +144,9 @@ os._exit(0)  # as `python -m lac.run` leaves
 
 def test_stopped_joblib_workers_leave_no_children_behind(tmp_path):
     """lac.leave.stop_joblib_workers kills loky's workers with their descendants and reaps those:
-    under a PID 1 that never reaps, none is left (before: each a zombie)."""
+    under a PID 1 that never reaps, none is left (before: each a zombie). Nothing is left to the
+    resource trackers either, which would warn of "leaked" semaphores (the workers' bars, loky's
+    queues) and joblib's memmapping folder at the end of every joblib sweep."""
     from tests.subreaper import command
 
     repo = Path(__file__).resolve().parents[1]
@@ -150,6 +158,7 @@ def test_stopped_joblib_workers_leave_no_children_behind(tmp_path):
     left = [p for p in leftovers(out.stdout) if "resource_tracker" not in p["cmd"]]
     assert left == [], left
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # killed and reaped
+    assert "leaked" not in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -170,6 +179,7 @@ def test_ctrl_c_of_a_joblib_sweep_leaves_nothing_of_lacs_behind(tmp_path):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out[-3000:]
     assert "lac: interrupted; finished jobs and the cells written so far are kept" in out
+    assert "leaked" not in out, out[-3000:]
     left = [p for p in leftovers(out) if "resource_tracker" not in p["cmd"]]
     assert left == [], left
     assert len(find_runs(tmp_path / "multirun")) == 2  # both jobs had begun their runs
