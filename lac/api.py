@@ -1,0 +1,176 @@
+"""lac from Python (a notebook, a script): a job by the same overrides `python -m lac.run` takes,
+and the clean captures behind a job (h_BB, delta_x, delta_y at any site and layer) for analyses
+of your own.
+
+    from lac import api
+    res = api.job("site=p_last", "layer=[6,10]", "tracker=none")
+    res.rows                                        # the tidy results, as results.parquet
+    caps = api.captures("site=p_last", "layer=10")
+    caps["yoda__haiku"].delta_x("p_last", 10)       # h_XB - h_BB, float32 [d_model]
+
+The same job keys, results store, resume, activation cache and W&B as the command line, and the
+same errors (lac.errors.LacError: ConfigError, GridError), raised before any weights load. The model
+stays loaded between calls of one process (one model at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lac.capture import CellCapture
+from lac.config import ConfigError
+from lac.grid import Grid
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The job config `python -m lac.run <overrides>` would run (conf/ of this checkout or wheel)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lac.paths import conf_dir
+
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    summary: dict[str, Any]  # summary.json: the console table's numbers, seconds, provenance
+    rows: Any  # pandas.DataFrame, one row per (cell, site, layer(s), intervention, metric)
+    generations: list[dict[str, Any]]  # markers mode: every generated text
+    dir: Path  # where results.parquet / summary.json were copied (the CLI's outputs/DATE/TIME)
+
+
+def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
+    """Run (or resume, or reuse) one job, as `python -m lac.run <overrides>` would. `job_dir`: where
+    its files are copied and its W&B run writes; default outputs/DATE/TIME-N under the current folder."""
+    import pandas as pd
+
+    from lac import runner
+    from lac.config import preflight
+
+    cfg = compose(*overrides)
+    preflight(cfg)  # bad input fails here, before a folder is made
+    out = Path(job_dir) if job_dir is not None else _new_job_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    runner._STARTED_UP = True  # a notebook's time since `import lac` is no job's start-up
+    with _quiet():
+        summary = runner.run(cfg, job_dir=out)
+    gens = out / "generations.jsonl"
+    return JobResult(
+        summary=summary,
+        rows=pd.read_parquet(out / "results.parquet"),
+        generations=[json.loads(line) for line in gens.read_text().splitlines()] if gens.is_file() else [],
+        dir=out,
+    )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The deprecation warnings lac's own calls raise upstream (Lightning's) stay out of a notebook,
+    as they stay off the command line's console; the caller's warning filters come back after."""
+    import warnings
+
+    from lac.tracking import quiet_warnings
+
+    with warnings.catch_warnings():
+        quiet_warnings()
+        warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
+        yield
+
+
+def _new_job_dir() -> Path:
+    base = Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    n = 0
+    while (base.parent / f"{base.name}-{n}").exists():  # two calls within a second
+        n += 1
+    return base.parent / f"{base.name}-{n}"
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One cell's clean captures, in the paper's names; vectors are float32 [d_model] on the CPU.
+    Roles: one letter per factor, the factor's letter at the cell's level, B at baseline (BB, XB,
+    BY, XY in the paper's 2x2)."""
+
+    capture: CellCapture
+    grid: Grid
+
+    @property
+    def ref(self) -> list[int]:
+        """The clean XY reference: 12 greedy tokens after the XY prompt."""
+        return list(self.capture.ref)
+
+    @property
+    def layers(self) -> range:
+        """The layers held (block inputs 0..depth-1; `geometry_layers=all` captures every one)."""
+        return range(self.capture.depth(self.grid.empty))
+
+    def h(self, role: str, site: str, layer: int) -> torch.Tensor:
+        """The residual (block `layer`'s input) of a role's sequence at a site."""
+        from lac.sites import SITES
+
+        if role not in self.capture.site_h:
+            raise ConfigError(f"role {role!r} was not captured; captured: {', '.join(sorted(self.capture.site_h))}")
+        if site not in SITES:
+            raise ConfigError(f"site {site!r}; allowed: {', '.join(SITES)}")
+        depth = self.capture.depth(role)
+        if not 0 <= layer < depth:
+            raise ConfigError(f"layer {layer} was not captured for {role}: layers 0..{depth - 1} were "
+                              "(capture deeper with a larger layer=, or geometry_layers=all)")
+        return self.capture.h(role, site, layer)
+
+    def h_bb(self, site: str, layer: int) -> torch.Tensor:
+        return self.h(self.grid.empty, site, layer)
+
+    def h_xy(self, site: str, layer: int) -> torch.Tensor:
+        return self.h(self.grid.full, site, layer)
+
+    def delta(self, factor: str, site: str, layer: int) -> torch.Tensor:
+        """A factor's main effect: its level alone against the baseline (persona: h_XB - h_BB)."""
+        self.grid.factor(factor)  # a GridError naming the design's factors
+        return self.h(self.grid.role([factor]), site, layer) - self.h_bb(site, layer)
+
+    def delta_x(self, site: str, layer: int) -> torch.Tensor:
+        return self.delta("persona", site, layer)
+
+    def delta_y(self, site: str, layer: int) -> torch.Tensor:
+        return self.delta("task", site, layer)
+
+    def inter(self, site: str, layer: int) -> torch.Tensor:
+        """The 2x2's interaction I = h_XY - h_BB - delta_x - delta_y."""
+        return self.h_xy(site, layer) - self.h_bb(site, layer) - self.delta_x(site, layer) - self.delta_y(site, layer)
+
+
+def captures(*overrides: str, cells: Iterable[str] | None = None) -> dict[str, Captured]:
+    """Clean captures of a job's cells (`cells`: their keys, e.g. "yoda__haiku"; default all), down to
+    the job's deepest layer (`geometry_layers=all`: every layer), from the activation cache where it
+    has them. Nothing is patched and no results are written."""
+    from lac.cache import ActivationCache
+    from lac.config import preflight
+    from lac.prompts import PromptBook
+    from lac.runner import capture, prepare_model
+
+    cfg = compose(*overrides)
+    spec = preflight(cfg)
+    every = {c.key: c for c in spec.grid.cells()}
+    wanted = list(every) if cells is None else [cells] if isinstance(cells, str) else list(cells)
+    unknown = [k for k in wanted if k not in every]
+    if unknown:
+        raise ConfigError(f"cells {unknown} are not in grid {spec.grid.name!r}; its cells: {', '.join(every)}")
+    with _quiet():
+        lm = prepare_model(cfg, spec)
+        book = PromptBook(lm.tokenizer, spec.grid)
+        cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
+        caps = capture(lm, spec, [every[k] for k in wanted], book=book, cache=cache,
+                       batch_cells=int(cfg.engine.capture_cells))
+    return {c.cell.key: Captured(c, spec.grid) for c in caps}
