@@ -65,11 +65,12 @@ def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
     runner._STARTED_UP = True  # a notebook's time since `import lac` is no job's start-up
     with _quiet():
         summary = runner.run(cfg, job_dir=out)
-    gens = out / "generations.jsonl"
+    gens = out / "generations.jsonl"  # markers mode only: another job's file in a reused job_dir is not this one's
+    markers = cfg.get("mode") == "markers" and gens.is_file()
     return JobResult(
         summary=summary,
         rows=pd.read_parquet(out / "results.parquet"),
-        generations=[json.loads(line) for line in gens.read_text().splitlines()] if gens.is_file() else [],
+        generations=[json.loads(line) for line in gens.read_text().splitlines()] if markers else [],
         dir=out,
     )
 

@@ -52,8 +52,11 @@ def test_job_and_captures_equal_the_plain_implementation(qwen, tmp_path, monkeyp
     """api.job's rows (KL, geometry) and api.captures' vectors against lac.naive's own forwards
     (output_hidden_states, hooks) on the same loaded model; a second call reuses the job."""
     common = _grid(tmp_path)
+    (tmp_path / "job").mkdir()  # a folder an earlier markers job used: its generations are not this job's
+    (tmp_path / "job" / "generations.jsonl").write_text('{"text": "stale"}\n')
     res = api.job(*common, "site=p_last", "site.sites=[p_last,g2]", "layer=10", job_dir=tmp_path / "job")
     assert res.dir == tmp_path / "job" and (res.dir / "results.parquet").is_file()
+    assert res.generations == []
     assert runner._MODEL[runner._model_key(api.compose(*common).model)] is qwen  # the loaded model, shared
 
     nv = Naive(qwen.model, qwen.tokenizer)
