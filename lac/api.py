@@ -56,12 +56,9 @@ def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
     import pandas as pd
 
     from lac import runner
-    from lac.config import preflight
 
     cfg = compose(*overrides)
-    preflight(cfg)  # bad input fails here, before a folder is made
-    out = Path(job_dir) if job_dir is not None else _new_job_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(job_dir) if job_dir is not None else _new_job_dir()  # made by the job (bad input: none)
     runner._STARTED_UP = True  # a notebook's time since `import lac` is no job's start-up
     with _quiet():
         summary = runner.run(cfg, job_dir=out)
@@ -77,15 +74,14 @@ def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The deprecation warnings lac's own calls raise upstream (Lightning's) stay out of a notebook,
-    as they stay off the command line's console; the caller's warning filters come back after."""
+    """The warnings lac's own calls raise upstream (Lightning's) stay out of a notebook, as they stay
+    off the command line's console; the caller's warning filters come back after."""
     import warnings
 
-    from lac.tracking import quiet_warnings
+    from lac.tracking import quiet_job_warnings
 
     with warnings.catch_warnings():
-        quiet_warnings()
-        warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
+        quiet_job_warnings()
         yield
 
 

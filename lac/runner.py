@@ -356,6 +356,7 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
 
 
 def _copy_into(job_dir: Path, store: JobStore) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)  # Hydra's is made already; lac.api's is made here
     for name in ("results.parquet", "summary.json", "generations.jsonl"):
         src = store.dir / name
         if src.is_file():

@@ -517,7 +517,6 @@ def configure_logging(verbose: Any = False) -> bool:
     (GPU available, litlogger), deprecation/future warnings (e.g. Lightning's _pytree LeafSpec),
     transformers' weight-loading bars and wandb's banners are silenced. Returns the verbosity."""
     global _VERBOSE
-    import warnings
 
     bars_lock_in_process()
     _VERBOSE = verbose_requested(verbose)
@@ -526,9 +525,7 @@ def configure_logging(verbose: Any = False) -> bool:
         return True
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    quiet_warnings()
-    warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
-    warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers).*")
+    quiet_job_warnings()
     for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -547,6 +544,16 @@ def quiet_warnings() -> None:
 
     for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
+
+
+def quiet_job_warnings() -> None:
+    """What a job's console leaves out unless verbose: deprecation and future warnings, and the
+    warnings Lightning raises about how lac drives it (its own modules, DataLoader workers)."""
+    import warnings
+
+    quiet_warnings()
+    warnings.filterwarnings("ignore", module=r"lightning(\.|_fabric|$).*")
+    warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers).*")
 
 
 def _quiet_lightning() -> None:
