@@ -15,6 +15,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def stop_joblib_workers() -> None:
     their subreaper first, so it can reap them once they are killed. (Letting the workers exit
     instead costs ~2.5 s of their interpreter teardown.) Then the exit handlers a normal exit would
     run (~10 ms): loky's queue semaphores and joblib's memmapping folder in /dev/shm are removed
-    here, not by the resource trackers, which would report each as "leaked" on the console."""
+    here, not by the resource trackers, which would report each as "leaked" on the console. Last,
+    the queues' feeder threads are let finish: one removes its queue's write lock on its way out,
+    and os._exit in between would leave the tracker that semaphore to report."""
     loky = sys.modules.get("joblib.externals.loky.reusable_executor")
     executor = getattr(loky, "_executor", None)
     if executor is None:
@@ -65,6 +68,18 @@ def stop_joblib_workers() -> None:
     executor.shutdown(wait=True, kill_workers=True)
     reap(orphans)
     atexit._run_exitfuncs()
+    join_queue_feeders()
+
+
+def join_queue_feeders(timeout: float = 2.0) -> None:
+    """A multiprocessing queue's feeder thread (loky's too) outlives a closed queue made by this
+    process: no exit handler joins it. Once it has the closing sentinel it frees the queue's write
+    lock, a named semaphore: sem_unlink, then its unregister message to the resource tracker. A
+    loaded machine can hold it between the two until after os._exit (seen 1 exit in 15 under load)."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def reap_exited() -> None:
