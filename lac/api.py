@@ -1,10 +1,11 @@
-"""lac from Python (a notebook, a script): a job by the same overrides `python -m lac.run` takes,
-and the clean captures behind a job (h_BB, delta_x, delta_y at any site and layer) for analyses
+"""lac from Python (a notebook, a script): a job (or a sweep) by the same overrides `python -m lac.run`
+takes, and the clean captures behind a job (h_BB, delta_x, delta_y at any site and layer) for analyses
 of your own.
 
     from lac import api
     res = api.job("site=p_last", "layer=[6,10]", "tracker=none")
     res.rows                                        # the tidy results, as results.parquet
+    runs = api.sweep("site=p_last", "layer=range(4,14)", "tracker=none")   # as python -m lac.run -m
     caps = api.captures("site=p_last", "layer=10")
     caps["yoda__haiku"].delta_x("p_last", 10)       # h_XB - h_BB, float32 [d_model]
 
@@ -48,17 +49,74 @@ class JobResult:
     rows: Any  # pandas.DataFrame, one row per (cell, site, layer(s), intervention, metric)
     generations: list[dict[str, Any]]  # markers mode: every generated text
     dir: Path  # where results.parquet / summary.json were copied (the CLI's outputs/DATE/TIME)
+    overrides: tuple[str, ...] = ()  # the job's overrides (a sweep's job: as Hydra lists them, e.g. (..., "layer=6"))
 
 
 def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
     """Run (or resume, or reuse) one job, as `python -m lac.run <overrides>` would. `job_dir`: where
     its files are copied and its W&B run writes; default outputs/DATE/TIME-N under the current folder."""
+    cfg = compose(*overrides)
+    out = Path(job_dir) if job_dir is not None else _new_job_dir()  # made by the job (bad input: none)
+    return _run(cfg, out, tuple(overrides))
+
+
+def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
+    """Every job of `python -m lac.run -m <overrides>`, as Hydra's basic sweeper expands them
+    (`layer=range(4,14)`, `model=qwen0.5,smollm2`, a preset's `+sweep=controls`): each job's own
+    overrides with its config, the config that job runs with on the command line."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from lac.multirun import job_overrides
+    from lac.paths import conf_dir
+
+    jobs = []
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        hydra = GlobalHydra.instance()
+        master = hydra.hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
+                                            with_log_configuration=False)
+        for job_over in job_overrides(master):
+            cfg = hydra.config_loader().load_sweep_config(master_config=master, sweep_overrides=job_over)
+            with open_dict(cfg):
+                del cfg["hydra"]  # as Hydra hands a job its config
+            jobs.append((tuple(job_over), cfg))
+    return jobs
+
+
+def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResult]:
+    """`python -m lac.run -m <overrides>` in this process, one job after another: every job is checked
+    before the first starts (one ConfigError naming each bad job), and the first captures as deep as
+    the deepest job needs, so `layer=range(4,14)` captures once, not ten times one layer deeper.
+    `sweep_dir`: job N's files go to `<sweep_dir>/N`; default outputs/multirun/DATE/TIME-N. A job
+    that fails raises; the jobs before it are kept, and calling again reuses them."""
+    from lac import runner
+    from lac.config import preflight
+    from lac.errors import LacError
+
+    jobs, bad = compose_sweep(*overrides), []
+    depth_before = dict(runner.CAPTURE_DEPTH)
+    try:
+        for num, (job_over, cfg) in enumerate(jobs):
+            try:
+                runner.plan_sweep_depth(cfg.model.name, preflight(cfg))
+            except LacError as e:
+                bad.append(f"job {num} ({' '.join(job_over)}): {e}")
+        if bad:
+            raise ConfigError("\n".join([*bad, f"{len(bad)} of {len(jobs)} jobs cannot run; no job was started"]))
+        base = Path(sweep_dir) if sweep_dir is not None else _new_job_dir(Path("outputs") / "multirun")
+        return [_run(cfg, base / str(num), job_over) for num, (job_over, cfg) in enumerate(jobs)]
+    finally:  # a later job of this process plans its own depth again
+        runner.CAPTURE_DEPTH.clear()
+        runner.CAPTURE_DEPTH.update(depth_before)
+
+
+def _run(cfg: DictConfig, out: Path, overrides: tuple[str, ...]) -> JobResult:
     import pandas as pd
 
     from lac import runner
 
-    cfg = compose(*overrides)
-    out = Path(job_dir) if job_dir is not None else _new_job_dir()  # made by the job (bad input: none)
     runner._STARTED_UP = True  # a notebook's time since `import lac` is no job's start-up
     with _quiet():
         summary = runner.run(cfg, job_dir=out)
@@ -69,6 +127,7 @@ def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
         rows=pd.read_parquet(out / "results.parquet"),
         generations=[json.loads(line) for line in gens.read_text().splitlines()] if markers else [],
         dir=out,
+        overrides=overrides,
     )
 
 
@@ -85,8 +144,8 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _new_job_dir() -> Path:
-    base = Path("outputs") / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+def _new_job_dir(root: Path = Path("outputs")) -> Path:
+    base = root / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
     n = 0
     while (base.parent / f"{base.name}-{n}").exists():  # two calls within a second
         n += 1

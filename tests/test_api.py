@@ -39,6 +39,37 @@ def test_bad_input_raises_before_any_folder_or_model(tmp_path, monkeypatch):
     assert runner._MODEL == loaded
 
 
+def test_a_sweep_is_checked_whole_before_any_job(tmp_path, monkeypatch):
+    """api.sweep refuses a sweep with bad jobs as the command line's -m does: one error naming each,
+    before any job folder or model; the depth it planned for the good jobs is not kept."""
+    monkeypatch.chdir(tmp_path)
+    loaded, depth = dict(runner._MODEL), dict(runner.CAPTURE_DEPTH)
+    with pytest.raises(ConfigError) as err:
+        api.sweep("layer=range(22,26)", "tracker=none")
+    assert str(err.value).splitlines() == [
+        "job 2 (layer=24 tracker=none): layer: layer 24 is out of range for qwen0.5 (24 layers): allowed 0..23",
+        "job 3 (layer=25 tracker=none): layer: layer 25 is out of range for qwen0.5 (24 layers): allowed 0..23",
+        "2 of 4 jobs cannot run; no job was started",
+    ]
+    assert not (tmp_path / "outputs" / "multirun").exists()
+    assert runner._MODEL == loaded and runner.CAPTURE_DEPTH == depth
+
+
+def test_compose_sweep_expands_as_the_command_line():
+    """Each job's config is the one `python -m lac.run` composes from that job's overrides; a preset's
+    hydra.sweeper.params expand too."""
+    jobs = api.compose_sweep("site=p_last", "layer=range(4,7)", "model=qwen0.5,smollm2")
+    assert [o for o, _ in jobs] == [("site=p_last", f"layer={layer}", f"model={m}")
+                                    for layer in (4, 5, 6) for m in ("qwen0.5", "smollm2")]
+    for overrides, cfg in jobs:
+        assert cfg == api.compose(*overrides), overrides
+    controls = api.compose_sweep("+sweep=controls")
+    assert len(controls) == 8 and controls[0][0] == ("intervention=host_none", "+sweep=controls")
+    assert [(cfg.intervention.name, cfg.intervention.layers) for _, cfg in controls][-2:] == [
+        ("kv_persona", "from"), ("knockout_persona", "from")]
+    assert {cfg.grid.name for _, cfg in controls} == {"long"}
+
+
 def test_compose_is_the_command_lines_config():
     from tests.conftest import compose
 
@@ -95,3 +126,38 @@ def test_job_and_captures_equal_the_plain_implementation(qwen, tmp_path, monkeyp
     assert again.dir.parent.parent == Path("outputs") and again.dir.name.endswith("-0")
     pd.testing.assert_frame_equal(again.rows, res.rows)
     assert again.summary == res.summary
+
+
+@pytest.mark.slow
+def test_sweep_captures_once_and_equals_one_job(qwen, tmp_path, monkeypatch):
+    """api.sweep over layers 6 and 10 captures once, as deep as layer 10 needs (the command line's
+    multirun plan), and its rows equal one job over both layers."""
+    from lac.config import preflight
+
+    common = [*_grid(tmp_path), "site=p_last"]
+    depths = []
+    capture_cells = runner.capture_cells
+
+    def recording(*args, **kwargs):
+        depths.append(kwargs["depth"])
+        return capture_cells(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "capture_cells", recording)
+    planned = dict(runner.CAPTURE_DEPTH)
+    runs = api.sweep(*common, "layer=6,10", sweep_dir=tmp_path / "sweep")
+    deepest = runner._capture_plan(preflight(api.compose(*common, "layer=10")))[1]
+    assert deepest > runner._capture_plan(preflight(api.compose(*common, "layer=6")))[1]
+    assert depths and set(depths) == {deepest}, depths  # the layer-6 job captured for both
+    assert [r.dir for r in runs] == [tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"]
+    assert [r.overrides[-1] for r in runs] == ["layer=6", "layer=10"]
+
+    one = api.job(*common, "layer=[6,10]", job_dir=tmp_path / "one").rows
+    for r, layer in zip(runs, (6, 10), strict=True):
+        mine = r.rows.drop(columns=["layers"], errors="ignore")
+        theirs = one[one.layer == layer].drop(columns=["layers"], errors="ignore")
+        assert len(mine) == len(theirs) > 0
+        cols = [c for c in mine.columns if c != "value"]
+        merged = mine.merge(theirs, on=cols, suffixes=("", "_one"), validate="one_to_one")
+        assert len(merged) == len(mine), (layer, len(merged))
+        assert (merged.value - merged.value_one).abs().max() <= 1e-6, layer
+    assert runner.CAPTURE_DEPTH == planned  # the plan ends with the sweep
