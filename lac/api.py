@@ -63,7 +63,8 @@ def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
 def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
     """Every job of `python -m lac.run -m <overrides>`, as Hydra's basic sweeper expands them
     (`layer=range(4,14)`, `model=qwen0.5,smollm2`, a preset's `+sweep=controls`): each job's own
-    overrides with its config, the config that job runs with on the command line."""
+    overrides with its config, the config that job runs with on the command line. Another launcher
+    (joblib, slurm, local) raises: lac.api runs the jobs in this process."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
@@ -77,6 +78,11 @@ def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
         hydra = GlobalHydra.instance()
         master = hydra.hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
                                             with_log_configuration=False)
+        launcher = str(master.hydra.launcher.get("_target_", ""))
+        if not launcher.endswith(".BasicLauncher"):
+            raise ConfigError(f"hydra/launcher: {launcher.rsplit('.', 1)[-1]}; lac.api runs a sweep's jobs in this "
+                              "process, one after another (the basic launcher): leave hydra/launcher out, or run "
+                              "python -m lac.run -m with it")
         for job_over in job_overrides(master):
             cfg = hydra.config_loader().load_sweep_config(master_config=master, sweep_overrides=job_over)
             with open_dict(cfg):

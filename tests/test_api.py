@@ -51,6 +51,9 @@ def test_a_sweep_is_checked_whole_before_any_job(tmp_path, monkeypatch):
         "job 3 (layer=25 tracker=none): layer: layer 25 is out of range for qwen0.5 (24 layers): allowed 0..23",
         "2 of 4 jobs cannot run; no job was started",
     ]
+    with pytest.raises(ConfigError, match=r"hydra/launcher: JoblibLauncher; lac.api runs a sweep's jobs in this "
+                                          r"process, one after another"):
+        api.sweep("layer=4,5", "tracker=none", "hydra/launcher=joblib")
     assert not (tmp_path / "outputs" / "multirun").exists()
     assert runner._MODEL == loaded and runner.CAPTURE_DEPTH == depth
 
