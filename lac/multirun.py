@@ -45,6 +45,19 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return [list(o) for batch in BasicSweeper.split_arguments(overrides, None) for o in batch]
 
 
+def check_job(cfg: DictConfig) -> None:
+    """A sweep's job before any job starts: lac's checks (a LacError where it cannot run), and its
+    capture depth in the sweep's plan, so the first job captures as deep as the deepest needs."""
+    from lac.config import preflight
+    from lac.runner import plan_sweep_depth
+
+    plan_sweep_depth(cfg.model.name, preflight(cfg))
+
+
+def refused(bad: int, jobs: int) -> str:
+    return f"{bad} of {jobs} jobs cannot run; no job was started"
+
+
 def reuse_compositions(loader: Any, master: DictConfig, composed: dict[tuple[str, ...], DictConfig]) -> None:
     """Hydra composes every job's config twice more, in its sweeper's own check and in its launcher
     (~0.1 s each: ~2 s of a 10-job sweep). From here on the loader answers those calls (same master
@@ -79,9 +92,7 @@ class LacCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
-        from lac.config import preflight
         from lac.leave import become_subreaper
-        from lac.runner import plan_sweep_depth
 
         target = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if target.endswith("SlurmLauncher") and shutil.which("srun") is None:
@@ -97,12 +108,11 @@ class LacCallback(Callback):
             try:
                 cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
                 composed[tuple(overrides)] = copy.deepcopy(cfg)  # as composed, before preflight resolves anything
-                plan_sweep_depth(cfg.model.name, preflight(cfg))
+                check_job(cfg)
             except LacError as e:
-                bad.append(f"lac: job {num} ({' '.join(overrides)}): {e}")
+                bad.append(f"job {num} ({' '.join(overrides)}): {e}")
         if bad:
-            print("\n".join(bad), file=sys.stderr)
-            print(f"lac: {len(bad)} of {len(jobs)} jobs cannot run; no job was started", file=sys.stderr)
+            print("\n".join(f"lac: {line}" for line in [*bad, refused(len(bad), len(jobs))]), file=sys.stderr)
             sys.exit(2)
         reuse_compositions(loader, config, composed)
 
