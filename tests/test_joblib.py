@@ -150,6 +150,7 @@ import importlib
 import threading
 import time
 
+# by name: `from joblib.externals.loky.backend import synchronize` gives the stdlib's module
 queues = importlib.import_module("joblib.externals.loky.backend.queues")
 synchronize = importlib.import_module("joblib.externals.loky.backend.synchronize")
 feed, unlink_and_unregister, run_exitfuncs = queues.Queue._feed, synchronize.SemLock._cleanup, atexit._run_exitfuncs
