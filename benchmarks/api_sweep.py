@@ -85,17 +85,16 @@ def main() -> None:
             assert have.keys() == want.keys(), (mode, len(have), len(want))
             dkl[mode] = max(dkl.get(mode, 0.0), max(abs(have[k] - want[k]) for k in want))
     med = {m: statistics.median(v) for m, v in seconds.items()}
+    ratio = {m: med[m] / med["one"] for m in MODES}
     print(f"\n| mode (layers {LAYERS.start}..{LAYERS.stop - 1}, model loaded) | seconds per round | median | / one job | max |dKL| vs one job |")
     print("|---|---|---|---|---|")
     names = {"one": "one api.job, layer=[4..13]", "sweep": "api.sweep, layer=range(4,14)", "loop": "ten api.job calls, layer=L"}
     for m in MODES:
-        ratio = med[m] / med["one"]
-        print(f"| {names[m]} | {', '.join(f'{s:.1f}' for s in seconds[m])} | {med[m]:.1f} | {ratio:.2f} | "
-              f"{dkl[m]:.2e} |" if m in dkl else f"| {names[m]} | {', '.join(f'{s:.1f}' for s in seconds[m])} | "
-              f"{med[m]:.1f} | {ratio:.2f} | - |")
+        rounds, diff = ", ".join(f"{s:.1f}" for s in seconds[m]), f"{dkl[m]:.2e}" if m in dkl else "-"
+        print(f"| {names[m]} | {rounds} | {med[m]:.1f} | {ratio[m]:.2f} | {diff} |")
     result = {"protocol": "api_sweep", **git_state(), **cpu(), "threads": os.cpu_count(), "loadavg_before": load_before,
               "loadavg_after": loadavg(), "layers": list(LAYERS), "seconds": seconds, "median": med,
-              "ratio_to_one_job": {m: med[m] / med["one"] for m in MODES}, "max_dkl_vs_one_job": dkl}
+              "ratio_to_one_job": ratio, "max_dkl_vs_one_job": dkl}
     path = REPO / "benchmarks" / "results" / "api_sweep.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
