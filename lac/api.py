@@ -98,17 +98,12 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
     `sweep_dir`: job N's files go to `<sweep_dir>/N`; default outputs/multirun/DATE/TIME-N. A job
     that fails raises; the jobs before it are kept, and calling again reuses them."""
     from lac import runner
-    from lac.errors import LacError
     from lac.multirun import check_job, refused
 
-    jobs, bad = compose_sweep(*overrides), []
+    jobs = compose_sweep(*overrides)
     depth_before = dict(runner.CAPTURE_DEPTH)
     try:
-        for num, (job_over, cfg) in enumerate(jobs):
-            try:
-                check_job(cfg)
-            except LacError as e:
-                bad.append(f"job {num} ({' '.join(job_over)}): {e}")
+        bad = [line for num, (job_over, cfg) in enumerate(jobs) if (line := check_job(num, job_over, cfg))]
         if bad:
             raise ConfigError("\n".join([*bad, refused(len(bad), len(jobs))]))
         base = Path(sweep_dir) if sweep_dir is not None else _new_job_dir(Path("outputs") / "multirun")

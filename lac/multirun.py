@@ -45,13 +45,17 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return [list(o) for batch in BasicSweeper.split_arguments(overrides, None) for o in batch]
 
 
-def check_job(cfg: DictConfig) -> None:
-    """A sweep's job before any job starts: lac's checks (a LacError where it cannot run), and its
-    capture depth in the sweep's plan, so the first job captures as deep as the deepest needs."""
+def check_job(num: int, overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> str | None:
+    """A sweep's job before any job starts: lac's checks, and its capture depth in the sweep's plan,
+    so the first job captures as deep as the deepest needs. The line naming it where it cannot run."""
     from lac.config import preflight
     from lac.runner import plan_sweep_depth
 
-    plan_sweep_depth(cfg.model.name, preflight(cfg))
+    try:
+        plan_sweep_depth(cfg.model.name, preflight(cfg))
+    except LacError as e:
+        return f"job {num} ({' '.join(overrides)}): {e}"
+    return None
 
 
 def refused(bad: int, jobs: int) -> str:
@@ -104,13 +108,11 @@ class LacCallback(Callback):
         loader = GlobalHydra.instance().config_loader()
         jobs = job_overrides(config)
         bad, composed = [], {}
-        for num, overrides in enumerate(jobs):
-            try:
-                cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
-                composed[tuple(overrides)] = copy.deepcopy(cfg)  # as composed, before preflight resolves anything
-                check_job(cfg)
-            except LacError as e:
-                bad.append(f"job {num} ({' '.join(overrides)}): {e}")
+        for num, overrides in enumerate(jobs):  # (composing runs no lac code: no LacError there)
+            cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
+            composed[tuple(overrides)] = copy.deepcopy(cfg)  # as composed, before preflight resolves anything
+            if line := check_job(num, overrides, cfg):
+                bad.append(line)
         if bad:
             print("\n".join(f"lac: {line}" for line in [*bad, refused(len(bad), len(jobs))]), file=sys.stderr)
             sys.exit(2)
