@@ -42,7 +42,14 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
     overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
-    return [list(o) for batch in BasicSweeper.split_arguments(overrides, None) for o in batch]
+    jobs = [list(o) for batch in BasicSweeper.split_arguments(overrides, None) for o in batch]
+    if not jobs:  # Hydra itself would launch 0 jobs and exit 0: a typo'd range looks like a finished sweep
+        from lac.config import ConfigError
+
+        empty = [o.input_line for o in overrides if o.is_discrete_sweep() and not list(o.sweep_string_iterator())]
+        raise ConfigError(f"the sweep has no jobs: {', '.join(empty)} gives no value (range(a,b) counts a..b-1, "
+                          "so b must be above a, e.g. layer=range(4,14) for layers 4..13)")
+    return jobs
 
 
 def check_job(num: int, overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> str | None:
@@ -106,7 +113,11 @@ class LacCallback(Callback):
         if target.endswith("JoblibLauncher"):
             become_subreaper()  # joblib kills its workers itself on Ctrl-C: their W&B processes come here
         loader = GlobalHydra.instance().config_loader()
-        jobs = job_overrides(config)
+        try:
+            jobs = job_overrides(config)
+        except LacError as e:
+            print(f"lac: {e}", file=sys.stderr)
+            sys.exit(2)
         bad, composed = [], {}
         for num, overrides in enumerate(jobs):  # (composing runs no lac code: no LacError there)
             cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)

@@ -54,6 +54,8 @@ def test_a_sweep_is_checked_whole_before_any_job(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"hydra/launcher: JoblibLauncher; lac.api runs a sweep's jobs in this "
                                           r"process, one after another"):
         api.sweep("layer=4,5", "tracker=none", "hydra/launcher=joblib")
+    with pytest.raises(ConfigError, match=r"^the sweep has no jobs: layer=range\(10,4\) gives no value"):
+        api.sweep("layer=range(10,4)", "site=p_last,g1", "tracker=none")
     assert not (tmp_path / "outputs" / "multirun").exists()
     assert runner._MODEL == loaded and runner.CAPTURE_DEPTH == depth
 

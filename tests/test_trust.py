@@ -325,6 +325,16 @@ def test_multirun_is_validated_before_the_first_job(tmp_path):
     assert not (tmp_path / "multirun").exists() and "loaded" not in out.log
 
 
+def test_a_sweep_that_expands_to_no_job_is_an_error(tmp_path):
+    """Hydra alone launches 0 jobs and exits 0 for an empty range: it would read as a finished sweep."""
+    out = cli(tmp_path, "-m", "tracker=none", "layer=range(10,4)", "site=p_last,g1")
+    assert out.returncode == 2, out.log[-3000:]
+    assert out.stderr.strip().splitlines() == [
+        "lac: the sweep has no jobs: layer=range(10,4) gives no value (range(a,b) counts a..b-1, so b must be "
+        "above a, e.g. layer=range(4,14) for layers 4..13)"]
+    assert not (tmp_path / "multirun").exists()
+
+
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="a SLURM machine: the launcher is usable here")
 def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
     out = cli(tmp_path, "-m", "hydra/launcher=slurm", "tracker=none")
