@@ -52,6 +52,25 @@ class JobResult:
     overrides: tuple[str, ...] = ()  # the job's overrides (a sweep's job: as Hydra lists them, e.g. (..., "layer=6"))
 
 
+class SweepFailed(RuntimeError):
+    """Some jobs of `api.sweep` failed; the others ran to the end, as on the command line.
+
+    `results`: the finished jobs' JobResults; `failed`: (job number, overrides, exception) per failed
+    job. Their written cells stay in the results store: calling again resumes them."""
+
+    def __init__(self, results: list[JobResult], failed: list[tuple[int, tuple[str, ...], Exception]]):
+        self.results, self.failed = results, failed
+        lines = [f"  job {num} ({' '.join(over)}): {_reason(e)}" for num, over, e in failed]
+        super().__init__(f"{len(failed)} of {len(results) + len(failed)} jobs of the sweep failed (the finished "
+                         "ones are on this error's .results):\n" + "\n".join(lines))
+
+
+def _reason(e: Exception) -> str:
+    from lac.errors import LacError
+
+    return str(e) if isinstance(e, LacError) else f"{type(e).__name__}: {e}"
+
+
 def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
     """Run (or resume, or reuse) one job, as `python -m lac.run <overrides>` would. `job_dir`: where
     its files are copied and its W&B run writes; default outputs/DATE/TIME-N under the current folder."""
@@ -96,7 +115,10 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
     before the first starts (one ConfigError naming each bad job), and the first captures as deep as
     the deepest job needs, so `layer=range(4,14)` captures once, not ten times one layer deeper.
     `sweep_dir`: job N's files go to `<sweep_dir>/N`; default outputs/multirun/DATE/TIME-N. A job
-    that fails raises; the jobs before it are kept, and calling again reuses them."""
+    that fails is logged and the sweep goes on, as on the command line; at the end `SweepFailed`
+    names the failed jobs and carries the finished ones (calling again reuses and resumes them)."""
+    import logging
+
     from lac import runner
     from lac.multirun import check_job, refused
 
@@ -107,7 +129,16 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
         if bad:
             raise ConfigError("\n".join([*bad, refused(len(bad), len(jobs))]))
         base = Path(sweep_dir) if sweep_dir is not None else _new_job_dir(Path("outputs") / "multirun")
-        return [_run(cfg, base / str(num), job_over) for num, (job_over, cfg) in enumerate(jobs)]
+        results, failed = [], []
+        for num, (job_over, cfg) in enumerate(jobs):
+            try:
+                results.append(_run(cfg, base / str(num), job_over))
+            except Exception as e:  # Ctrl-C (KeyboardInterrupt) still stops the sweep at once
+                logging.getLogger("lac").error("job %d (%s) failed: %s", num, " ".join(job_over), _reason(e))
+                failed.append((num, job_over, e))
+        if failed:
+            raise SweepFailed(results, failed) from failed[0][2]
+        return results
     finally:  # a later job of this process plans its own depth again
         runner.CAPTURE_DEPTH.clear()
         runner.CAPTURE_DEPTH.update(depth_before)

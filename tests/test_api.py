@@ -166,3 +166,23 @@ def test_sweep_captures_once_and_equals_one_job(qwen, tmp_path, monkeypatch):
         assert len(merged) == len(mine), (layer, len(merged))
         assert (merged.value - merged.value_one).abs().max() <= 1e-6, layer
     assert runner.CAPTURE_DEPTH == planned  # the plan ends with the sweep
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_stop_the_sweep(qwen, tmp_path, monkeypatch):
+    """As on the command line, the sweep goes on past a job that fails while it runs; the error at
+    the end names it and carries the finished jobs' results."""
+    monkeypatch.chdir(tmp_path)
+    long = tmp_path / "long.yaml"  # ~36k tokens: more than the 32768 positions of the embedded Qwen
+    long.write_text(GRID.replace("yoda: Yoda", "yoda: '" + "Yoda speaks. " * 12000 + "'"), encoding="utf-8")
+    common = [*_grid(tmp_path), "site=p_last", "layer=6"]
+    good = common[1]
+    with pytest.raises(api.SweepFailed) as err:
+        api.sweep(*common, f"grid.path={long},{good.split('=', 1)[1]}", sweep_dir=tmp_path / "sweep")
+    [(num, overrides, error)] = err.value.failed
+    assert num == 0 and f"grid.path={long}" in overrides and "exceed the context" in str(error)
+    assert str(err.value).startswith("1 of 2 jobs of the sweep failed")
+    assert f"\n  job 0 ({' '.join(overrides)}): " in str(err.value) and err.value.__cause__ is error
+    (done,) = err.value.results  # the job after the failed one ran
+    assert done.dir == tmp_path / "sweep" / "1" and (done.dir / "results.parquet").is_file()
+    assert set(done.rows.cell) == {"pirate__poem", "yoda__poem"} and done.rows.value.notna().all()
