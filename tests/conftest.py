@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = str(REPO / "conf")
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +29,10 @@ def _activations(tmp_path_factory, monkeypatch):
 
 
 def compose(overrides: list[str] | None = None):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    """lac.api.compose with a list: the config `python -m lac.run <overrides>` runs."""
+    from lac.api import compose as api_compose
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return hcompose("config", overrides=list(overrides or []))
+    return api_compose(*(overrides or []))
 
 
 @pytest.fixture(scope="session")
