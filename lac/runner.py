@@ -320,6 +320,7 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
     clean_phase(lm, spec, cells, book=book, cache=cache, capture_cells=int(cfg.engine.capture_cells))
     t0 = time.monotonic()
+    _imported()
     import lightning as L
     from lightning.pytorch.callbacks import BasePredictionWriter
     from torch.utils.data import DataLoader
@@ -428,8 +429,10 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
 
 def _import_in_background(*modules: str) -> None:
     """Import `modules`, in order, in one daemon thread: the imports overlap torch work (which releases
-    the GIL) and a later `import` in the main thread waits for them (Python's module lock). One thread,
-    so two background imports never wait on each other's module locks."""
+    the GIL). The main thread calls `_imported()` before it uses them: Python's import lock does not
+    make a concurrent import of the same package safe (the main thread's `from lightning.pytorch...`
+    went ahead on the half-initialised package, whose __init__ then set Lightning's log level back to
+    INFO after lac had quieted it)."""
     import importlib
     import sys
     import threading
@@ -445,7 +448,17 @@ def _import_in_background(*modules: str) -> None:
         note_beside("imports", time.thread_time() - t0)
 
     if todo:
-        threading.Thread(target=work, name="lac-import", daemon=True).start()
+        _IMPORTING.append(threading.Thread(target=work, name="lac-import", daemon=True))
+        _IMPORTING[-1].start()
+
+
+_IMPORTING: list = []  # background import threads not yet joined
+
+
+def _imported() -> None:
+    """Wait for the background imports (an import that failed there is simply done again by the caller)."""
+    while _IMPORTING:
+        _IMPORTING.pop().join()
 
 
 class _EarlyRun:

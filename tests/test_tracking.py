@@ -451,6 +451,31 @@ def test_configure_logging_quiets_lightning_unless_verbose(monkeypatch):
     assert tracking.verbose_requested(False) is False and tracking.verbose_requested(True) is True
 
 
+LIGHTNING_RACE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from lac import runner, tracking
+tracking.configure_logging(False)
+runner._import_in_background("pandas", "lightning.pytorch")
+runner._imported()
+import lightning as L
+opts = tracking.trainer_options(1)
+assert logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.WARNING
+L.Trainer(accelerator="cpu", devices=1, **opts)
+"""
+
+
+def test_lightning_imported_in_the_background_stays_quiet():
+    """The job imports Lightning in a thread beside its clean captures; once those took milliseconds
+    (traces read from disk) the main thread reached `import lightning` mid-import and Lightning's
+    half-run __init__ set its log level back to INFO after lac had quieted it ("GPU available",
+    "litlogger" tips on the console). `_imported()` waits for the thread first."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", LIGHTNING_RACE], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "litlogger" not in r.stderr and "GPU available" not in r.stderr, r.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- controls and mechanism
 
 
