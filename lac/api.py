@@ -243,10 +243,9 @@ def captures(*overrides: str, cells: Iterable[str] | None = None) -> dict[str, C
     """Clean captures of a job's cells (`cells`: their keys, e.g. "yoda__haiku"; default all), down to
     the job's deepest layer (`geometry_layers=all`: every layer), from the activation cache where it
     has them. Nothing is patched and no results are written."""
-    from lac.cache import ActivationCache
     from lac.config import preflight
     from lac.prompts import PromptBook
-    from lac.runner import capture, prepare_model
+    from lac.runner import activation_cache, capture, prepare_model
 
     cfg = compose(*overrides)
     spec = preflight(cfg)
@@ -258,7 +257,7 @@ def captures(*overrides: str, cells: Iterable[str] | None = None) -> dict[str, C
     with _quiet():
         lm = prepare_model(cfg, spec)
         book = PromptBook(lm.tokenizer, spec.grid)
-        cache = ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache))
+        cache = activation_cache(cfg, lm, spec)
         caps = capture(lm, spec, [every[k] for k in wanted], book=book, cache=cache,
                        batch_cells=int(cfg.engine.capture_cells))
     return {c.cell.key: Captured(c, spec.grid) for c in caps}

@@ -2,9 +2,13 @@
 
 Two levels. In memory, whole CellCaptures (traces and KV included) live for the
 process, so a basic-launcher multirun never recaptures a cell. On disk, under
-`$LAC_CACHE_DIR/activations/<key>/<cell>.safetensors`, the small part (ref,
-site residuals of every role, clean window log-probs) is shared between
-processes (joblib, submitit). The key covers model identity, dtype, attention
+`$LAC_CACHE_DIR/activations/<key>/<cell>.safetensors`, what decomposition and KL
+read (ref, site residuals of every role, clean window log-probs) is shared between
+processes (joblib, submitit, the next `python -m lac.run`), and with `traces` also
+the traces patched rows continue (KV and block inputs of the host prompts + ref):
+on a CPU, reading them takes milliseconds where rebuilding them (a prefix tree and
+a teacher-forced pass) took seconds, and the patched rows continue the very trace
+the first job computed. The key covers model identity, dtype, attention
 implementation, chat template and grid text. Files are written atomically and
 carry a SHA-256 of their tensors: a corrupt or truncated entry is reported,
 deleted and recomputed, never trusted. No pickle.
@@ -24,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lac import sites
 from lac.capture import CellCapture
+from lac.engine import Trace
 from lac.grid import Cell, Grid
 from lac.io import atomic_write
 from lac.models import LoadedModel
@@ -72,9 +77,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 class ActivationCache:
-    def __init__(self, lm: LoadedModel, grid: Grid, *, disk: bool = True, memory_cells: int = 256):
+    def __init__(self, lm: LoadedModel, grid: Grid, *, disk: bool = True, memory_cells: int = 256,
+                 traces: bool = False):
         self.key = capture_key(lm, grid)
         self.dir = cache_root() / self.key if disk else None
+        self.traces, self.device = traces, lm.device
         self.memory_cells = memory_cells
         self.hits = {"memory": 0, "disk": 0, "miss": 0}
 
@@ -96,6 +103,12 @@ class ActivationCache:
             if cap is not None:
                 found[c.key] = cap
         return found
+
+    def stored(self, cap: CellCapture) -> tuple:
+        """What of `cap` goes to disk: a cell whose value changed while a job used it is written again."""
+        traces = tuple((r, t.first, t.depth) for r, t in sorted(cap.traces.items()) if self.traces and _storable(t))
+        return (tuple(cap.ref), tuple((r, h.shape[1]) for r, h in sorted(cap.site_h.items())), tuple(sorted(cap.logp)),
+                traces)
 
     def put(self, caps: list[CellCapture], changed: set[str]) -> None:
         for cap in caps:
@@ -120,6 +133,9 @@ class ActivationCache:
             first = min(lp)
             tensors[f"logp.{role}"] = torch.stack([lp[first + j] for j in range(len(lp))]).contiguous()
             meta[f"logp_first.{role}"] = str(first)
+        if self.traces:
+            for role, t in cap.traces.items():
+                _put_trace(tensors, meta, role, t)
         meta["sha256"] = _digest(tensors)
         meta["cell"] = cap.cell.key
         atomic_write(self._path(cap.cell), lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -146,6 +162,38 @@ class ActivationCache:
             elif kind == "logp":
                 first = int(meta[f"logp_first.{role}"])
                 cap.logp[role] = {first + j: t[j] for j in range(t.shape[0])}
-        for role in cap.site_h:
+        for name in tensors:  # after the log-probs, which a host's trace carries too
+            kind, _, role = name.partition(".")
+            if kind == "trace_ids" and self.traces:
+                cap.traces[role] = _get_trace(tensors, meta, role, cap.logp.get(role, {}), self.device)
+        for role in [*cap.site_h, *cap.traces]:
             cap.prompts[role] = book.get(cell, role)
         return cap
+
+
+def _storable(t: Trace) -> bool:
+    """KV of one shape at every layer (stacked on disk); other traces are rebuilt by a forward."""
+    return len({k.shape for k, _ in t.kv} | {v.shape for _, v in t.kv}) == 1
+
+
+def _put_trace(tensors: dict[str, torch.Tensor], meta: dict[str, str], role: str, t: Trace) -> None:
+    """A trace as tensors: ids, K and V stacked over layers, block inputs from position `first`."""
+    if not _storable(t):
+        return
+    tensors[f"trace_ids.{role}"] = torch.tensor(t.ids, dtype=torch.int64)
+    tensors[f"trace_k.{role}"] = torch.stack([k for k, _ in t.kv]).cpu().contiguous()
+    tensors[f"trace_v.{role}"] = torch.stack([v for _, v in t.kv]).cpu().contiguous()
+    if t.hidden is not None:
+        tensors[f"trace_h.{role}"] = t.hidden.cpu().contiguous()
+    meta[f"trace_first.{role}"], meta[f"trace_depth.{role}"] = str(t.first), str(t.depth)
+
+
+def _get_trace(tensors: dict[str, torch.Tensor], meta: dict[str, str], role: str,
+               logp: dict[int, torch.Tensor], device: torch.device) -> Trace:
+    k, v = tensors[f"trace_k.{role}"].to(device), tensors[f"trace_v.{role}"].to(device)
+    hidden = tensors.get(f"trace_h.{role}")
+    return Trace(
+        ids=tensors[f"trace_ids.{role}"].tolist(), kv=list(zip(k.unbind(0), v.unbind(0), strict=True)),
+        hidden=None if hidden is None else hidden.to(device), first=int(meta[f"trace_first.{role}"]),
+        depth=int(meta[f"trace_depth.{role}"]), logp={p: x.to(device) for p, x in logp.items()},
+    )

@@ -156,6 +156,10 @@ def build_spec(cfg: DictConfig) -> Spec:
         value = cfg.get("engine", {}).get(name, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"engine.{name}={value!r}; allowed: an integer >= 1")
+    traces = cfg.get("engine", {}).get("cache_traces", "auto")
+    if traces not in ("auto", True, False):
+        raise ConfigError(f"engine.cache_traces={traces!r}; allowed: auto (on where the model runs on the CPU), "
+                          "true, false")
     timeout = cfg.get("engine", {}).get("lock_timeout", -1)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or (timeout < 0 and timeout != -1):
         raise ConfigError(f"engine.lock_timeout={timeout!r}; allowed: seconds >= 0, or -1 for no limit")

@@ -6,6 +6,7 @@ import logging
 
 import pandas as pd
 import pytest
+import torch
 
 from lac import cache as cache_mod
 from lac.cache import ActivationCache
@@ -31,10 +32,11 @@ def _job(qwen, layer, cache):
 
 
 def test_second_job_reads_captures_from_disk(qwen):
+    """engine.cache_traces=false: the small part is read; the XY trace is rebuilt by forwards."""
     spec = build_spec(compose(["tracker=none"]))
-    df1, cold, _ = _job(qwen, 6, ActivationCache(qwen, spec.grid))
+    df1, cold, _ = _job(qwen, 6, ActivationCache(qwen, spec.grid, traces=False))
     cache_mod._MEMORY.clear()  # another process: only the disk cache is shared
-    c2 = ActivationCache(qwen, spec.grid)
+    c2 = ActivationCache(qwen, spec.grid, traces=False)
     df2, warm, _ = _job(qwen, 6, c2)
     assert c2.hits == {"memory": 0, "disk": 2, "miss": 0}
     # BB, XB, BY are read, not run; XY is not decoded again (its 11 decode steps are gone): its
@@ -52,6 +54,35 @@ def test_second_job_reads_captures_from_disk(qwen):
     assert_same_results(df1, df2)
 
 
+def test_second_job_reads_traces_from_disk(qwen):
+    """engine.cache_traces (auto on a CPU): the XY trace patched rows continue is read too, so a
+    second process runs only its patched rows and continues the very trace the first computed."""
+    spec = build_spec(compose(["tracker=none"]))
+    c1 = ActivationCache(qwen, spec.grid, traces=True)
+    df1, cold, _ = _job(qwen, 6, c1)
+    first = {key: cap for (k, key), cap in cache_mod._MEMORY.items() if k == c1.key}
+    cache_mod._MEMORY.clear()  # another process: only the disk cache is shared
+    c2 = ActivationCache(qwen, spec.grid, traces=True)
+    df2, warm, _ = _job(qwen, 6, c2)
+    assert c2.hits == {"memory": 0, "disk": 2, "miss": 0}
+    n = qwen.n_layers
+    assert warm["forwards"] == 1 and warm["block_tokens"] == 2 * 10 * (n - 6)  # the patched rows alone
+    pd.testing.assert_frame_equal(df1, df2)  # bitwise: the same trace, not a rebuilt one
+    again = {key: cap for (k, key), cap in cache_mod._MEMORY.items() if k == c2.key}
+    assert set(again) == set(first) and len(first) == 2
+    for key, cap in first.items():
+        a, b = cap.traces["XY"], again[key].traces["XY"]
+        assert (a.ids, a.first, a.depth) == (b.ids, b.first, b.depth) and len(a.kv) == len(b.kv) == n
+        assert all(torch.equal(x, y) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)
+                   for x, y in ((ka, kb), (va, vb)))
+        assert torch.equal(a.hidden, b.hidden) and b.hidden.device == qwen.device
+        assert a.logp.keys() == b.logp.keys() and all(torch.equal(a.logp[q], b.logp[q]) for q in a.logp)
+    cache_mod._MEMORY.clear()  # traces off: the stored ones are not read (rebuilt instead)
+    df3, rebuilt, _ = _job(qwen, 6, ActivationCache(qwen, spec.grid, traces=False))
+    assert rebuilt["forwards"] > 1
+    assert_same_results(df1, df3)
+
+
 def test_jobs_in_one_process_share_captures_in_memory(qwen):
     spec = build_spec(compose(["tracker=none"]))
     c = ActivationCache(qwen, spec.grid, disk=False)
@@ -64,7 +95,7 @@ def test_jobs_in_one_process_share_captures_in_memory(qwen):
 
 def test_corrupt_or_truncated_entry_is_reported_and_recomputed(qwen, caplog):
     spec = build_spec(compose(["tracker=none"]))
-    c1 = ActivationCache(qwen, spec.grid)
+    c1 = ActivationCache(qwen, spec.grid, traces=True)
     df1, cold, _ = _job(qwen, 6, c1)
     files = sorted(c1.dir.glob("*.safetensors"))
     assert len(files) == 2
@@ -74,7 +105,7 @@ def test_corrupt_or_truncated_entry_is_reported_and_recomputed(qwen, caplog):
     raw[-5] ^= 0xFF  # one flipped byte inside a tensor
     files[1].write_bytes(bytes(raw))
     cache_mod._MEMORY.clear()
-    c2 = ActivationCache(qwen, spec.grid)
+    c2 = ActivationCache(qwen, spec.grid, traces=True)
     with caplog.at_level(logging.WARNING, logger="lac.cache"):
         df2, again, _ = _job(qwen, 6, c2)
     assert c2.hits == {"memory": 0, "disk": 0, "miss": 2}

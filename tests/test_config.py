@@ -160,6 +160,14 @@ def test_engine_sizes_must_be_positive(name, bad):
         build_spec(compose([f"engine.{name}={bad}"]))
 
 
+def test_cache_traces_is_auto_true_or_false():
+    for ok in ("auto", "true", "false"):
+        build_spec(compose([f"engine.cache_traces={ok}"]))
+    with pytest.raises(ConfigError, match=r"engine\.cache_traces='cpu'; allowed: auto \(on where the model runs "
+                                          r"on the CPU\), true, false"):
+        build_spec(compose(["engine.cache_traces=cpu"]))
+
+
 @pytest.mark.parametrize("ov,match", [
     ("layer=[3,3]", r"layer=\[3, 3\]: layer 3 is given twice"),
     ("intervention.layers=[9,11,9]", r"intervention.layers=\[9, 11, 9\]: layer 9 is given twice"),
