@@ -168,6 +168,13 @@ class ActivationCache:
                 cap.traces[role] = _get_trace(tensors, meta, role, cap.logp.get(role, {}), self.device)
         for role in [*cap.site_h, *cap.traces]:
             cap.prompts[role] = book.get(cell, role)
+        for role, t in cap.traces.items():  # today's tokenizer must give the prompt the trace continued
+            n = len(cap.prompts[role].ids)
+            if t.ids[:n] != list(cap.prompts[role].ids) or t.ids[n:] != cap.ref[: len(t.ids) - n]:
+                log.warning("activation cache entry %s is stale (its %s trace is not this prompt + ref): "
+                            "deleting it and recomputing", path, role)
+                path.unlink(missing_ok=True)
+                return None
         return cap
 
 

@@ -113,3 +113,30 @@ def test_corrupt_or_truncated_entry_is_reported_and_recomputed(qwen, caplog):
     assert again["forwards"] == cold["forwards"]  # recomputed in full
     pd.testing.assert_frame_equal(df1, df2)
     assert all(f.stat().st_size > len(data) // 2 for f in files)  # rewritten whole
+
+
+def test_a_trace_that_is_not_this_prompt_is_stale(qwen, caplog):
+    """An entry whose stored trace does not continue the prompt today's tokenizer gives (a tokenizer
+    that changed under the same chat template) is not trusted: deleted and recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    spec = build_spec(compose(["tracker=none"]))
+    c1 = ActivationCache(qwen, spec.grid, traces=True)
+    df1, cold, _ = _job(qwen, 6, c1)
+    path = sorted(c1.dir.glob("*.safetensors"))[0]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["trace_ids.XY"][3] += 1  # another token id, with a valid checksum: not corruption
+    meta["sha256"] = cache_mod._digest(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    cache_mod._MEMORY.clear()
+    c2 = ActivationCache(qwen, spec.grid, traces=True)
+    with caplog.at_level(logging.WARNING, logger="lac.cache"):
+        df2, _, _ = _job(qwen, 6, c2)
+    assert c2.hits == {"memory": 0, "disk": 1, "miss": 1}
+    assert [r.getMessage() for r in caplog.records if "stale" in r.getMessage()] == [
+        f"activation cache entry {path} is stale (its XY trace is not this prompt + ref): deleting it and recomputing"]
+    pd.testing.assert_frame_equal(df1, df2)
+    assert path.is_file() and torch.equal(load_file(str(path))["trace_ids.XY"][3:4], tensors["trace_ids.XY"][3:4] - 1)
