@@ -59,16 +59,12 @@ class SweepFailed(RuntimeError):
     job. Their written cells stay in the results store: calling again resumes them."""
 
     def __init__(self, results: list[JobResult], failed: list[tuple[int, tuple[str, ...], Exception]]):
+        from lac.multirun import failure_reason
+
         self.results, self.failed = results, failed
-        lines = [f"  job {num} ({' '.join(over)}): {_reason(e)}" for num, over, e in failed]
+        lines = [f"  job {num} ({' '.join(over)}): {failure_reason(e)}" for num, over, e in failed]
         super().__init__(f"{len(failed)} of {len(results) + len(failed)} jobs of the sweep failed (the finished "
                          "ones are on this error's .results):\n" + "\n".join(lines))
-
-
-def _reason(e: Exception) -> str:
-    from lac.errors import LacError
-
-    return str(e) if isinstance(e, LacError) else f"{type(e).__name__}: {e}"
 
 
 def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
@@ -120,7 +116,7 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
     import logging
 
     from lac import runner
-    from lac.multirun import check_job, refused
+    from lac.multirun import check_job, failure_reason, refused
 
     jobs = compose_sweep(*overrides)
     depth_before = dict(runner.CAPTURE_DEPTH)
@@ -134,7 +130,7 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
             try:
                 results.append(_run(cfg, base / str(num), job_over))
             except Exception as e:  # Ctrl-C (KeyboardInterrupt) still stops the sweep at once
-                logging.getLogger("lac").error("job %d (%s) failed: %s", num, " ".join(job_over), _reason(e))
+                logging.getLogger("lac").error("job %d (%s) failed: %s", num, " ".join(job_over), failure_reason(e))
                 failed.append((num, job_over, e))
         if failed:
             raise SweepFailed(results, failed) from failed[0][2]

@@ -65,6 +65,11 @@ def check_job(num: int, overrides: list[str] | tuple[str, ...], cfg: DictConfig)
     return None
 
 
+def failure_reason(error: BaseException) -> str:
+    """How a failed job's error reads in a sweep's lines: a user error as its message, else with its type."""
+    return str(error) if isinstance(error, LacError) else f"{type(error).__name__}: {error}"
+
+
 def refused(bad: int, jobs: int) -> str:
     return f"{bad} of {jobs} jobs cannot run; no job was started"
 
@@ -90,7 +95,7 @@ def reuse_compositions(loader: Any, master: DictConfig, composed: dict[tuple[str
 def record_failure(hc: Any, error: BaseException) -> None:
     """One line now (job number, overrides, reason); a record for the sweep's closing list."""
     num, overrides = hc.job.num, " ".join(hc.overrides.task)
-    reason = str(error) if isinstance(error, LacError) else f"{type(error).__name__}: {error}"
+    reason = failure_reason(error)
     print(f"lac: job {num} ({overrides}) failed: {reason}", file=sys.stderr, flush=True)
     if full_error() or not isinstance(error, LacError):
         traceback.print_exception(error)
