@@ -36,6 +36,26 @@ Patch = tuple[int, int, torch.Tensor]
 COUNTS = {"forwards": 0, "tokens": 0, "block_tokens": 0}
 
 
+def cache_kwarg() -> str:
+    """The name a model's forward takes its KV cache by, and its output returns it by.
+
+    transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40, where
+    it goes). A forward that no longer knows the name lac passes would take it as an unknown
+    kwarg and start an empty cache: every continued row would attend to its new tokens alone."""
+    global _CACHE_KWARG
+    if _CACHE_KWARG is None:
+        from dataclasses import fields
+
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        names = {f.name for f in fields(CausalLMOutputWithPast)}
+        _CACHE_KWARG = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KWARG
+
+
+_CACHE_KWARG: str | None = None
+
+
 def _count(tokens: int, blocks: int) -> None:
     COUNTS["forwards"] += 1
     COUNTS["tokens"] += tokens
@@ -228,7 +248,7 @@ def run_rows(
         watched.add(depth)
     fns = {L: at_layer(L) for L in watched}
 
-    kwargs = dict(attention_mask=mask.to(device), position_ids=pos.to(device), past_key_values=cache, use_cache=True)
+    kwargs = {"attention_mask": mask.to(device), "position_ids": pos.to(device), cache_kwarg(): cache, "use_cache": True}
     if start_layer > 0:
         kwargs["inputs_embeds"] = torch.zeros((bsz, n, model.config.hidden_size), dtype=dtype, device=device)
     else:
@@ -426,9 +446,9 @@ def decode(
                 input_ids=nxt[:, None].to(device),
                 attention_mask=mask.to(device),
                 position_ids=torch.tensor([[n + step - 1] for n in lens], device=device),
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_kwarg(): cache},
             )
             logits = out.logits[:, -1].float()
             check_finite(logits.sum(-1), lm, "logits", f"(generation step {step})")
@@ -439,7 +459,7 @@ def decode(
             for b in range(bsz):
                 out_tokens[b].append(int(nxt[b]))
             done |= torch.isin(nxt, eos_t)
-            cache = out.past_key_values
+            cache = getattr(out, cache_kwarg())
 
     result = []
     for b, t in enumerate(traces):

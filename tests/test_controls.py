@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from lac.capture import capture_cells
-from lac.engine import Row, greedy, run_rows
+from lac.engine import Row, cache_kwarg, greedy, run_rows
 from lac.grid import Cell
 from lac.interventions import Job, get_intervention, roles_needed
 from lac.patching import kl_records
@@ -87,8 +87,8 @@ def _forward(lm, ids, writes=(), knock=(), past=None, start=0):
     try:
         with torch.no_grad():
             n = len(ids)
-            out = lm.model(torch.tensor([ids], device=lm.device), past_key_values=past, use_cache=past is not None,
-                           position_ids=torch.arange(start, start + n, device=lm.device)[None])
+            out = lm.model(torch.tensor([ids], device=lm.device), use_cache=past is not None,
+                           position_ids=torch.arange(start, start + n, device=lm.device)[None], **{cache_kwarg(): past})
     finally:
         for h in handles:
             h.remove()
@@ -117,7 +117,8 @@ def _hidden(lm, ids):
 def _kv(lm, ids):
     def run():
         with torch.no_grad():
-            cache = lm.model(torch.tensor([ids], device=lm.device), use_cache=True, past_key_values=DynamicCache()).past_key_values
+            out = lm.model(torch.tensor([ids], device=lm.device), use_cache=True, **{cache_kwarg(): DynamicCache()})
+            cache = getattr(out, cache_kwarg())
         return [(layer.keys[0], layer.values[0]) for layer in cache.layers]
     return _memo(lm, "kv", ids, run)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lac.engine import COUNTS, Row, check_finite, decode, greedy, run_rows
+from lac.engine import COUNTS, Row, cache_kwarg, check_finite, decode, greedy, run_rows
 from lac.models import check_head
 from tests.tiny import LINEARS, tiny_model
 
@@ -147,6 +147,40 @@ def test_decode_continues_traces_like_generate(arch, linear):
                 torch.testing.assert_close(t.logp[p], torch.log_softmax(res.logits[0, p].float(), -1), atol=1e-5, rtol=1e-5)
             ref = torch.stack(res.hidden_states[: lm.n_layers])[:, 0, t.first :]
             torch.testing.assert_close(t.hidden, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_goes_by_the_name_the_forward_declares(arch):
+    """transformers 5.24 renamed `past_key_values` to `cache`; an undeclared name would land in
+    **kwargs and the rows would attend to their new tokens alone once the old name is gone."""
+    import inspect
+    import warnings
+
+    lm = tiny_model(arch, seed=2)
+    base = getattr(lm.model, lm.model.base_model_prefix)
+    seen: list[tuple[str, set, set]] = []  # (module, kwargs passed, parameters its forward declares)
+    for mod in (lm.model, base):
+        declared = set(inspect.signature(type(mod).forward).parameters) - {"kwargs"}
+        name = type(mod).__name__
+
+        def spy(*args, _inner=mod.forward, _declared=declared, _name=name, **kwargs):
+            seen.append((_name, set(kwargs), _declared))
+            return _inner(*args, **kwargs)
+
+        mod.forward = spy
+    seqs = _seqs([9, 6], seed=3)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head = run_rows(lm, [Row(seqs[0][:4])], keep_kv=True)[0]
+            traces = run_rows(lm, [Row(seqs[0][4:], prefix=head, start=4), Row(seqs[1])], keep_kv=True,
+                              logp_at=[[4], [5]])
+            decode(lm, traces, 3)
+    finally:
+        del lm.model.forward, base.forward
+    assert len(seen) >= 4 and all(cache_kwarg() in k for _, k, _ in seen)
+    assert all(k <= d for _, k, d in seen), [(n, sorted(k - d)) for n, k, d in seen]
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_head_check_refuses_unknown_logit_processing():
