@@ -30,7 +30,7 @@ from lac import sites
 from lac.capture import CellCapture
 from lac.engine import Trace
 from lac.grid import Cell, Grid
-from lac.io import atomic_write
+from lac.io import atomic_write, remove_stale_tmp
 from lac.models import LoadedModel
 from lac.numerics import NUMERICS_VERSION
 from lac.prompts import PromptBook, user_message
@@ -81,6 +81,8 @@ class ActivationCache:
                  traces: bool = False):
         self.key = capture_key(lm, grid)
         self.dir = cache_root() / self.key if disk else None
+        if self.dir is not None:
+            remove_stale_tmp(self.dir)
         self.traces, self.device = traces, lm.device
         self.memory_cells = memory_cells
         self.hits = {"memory": 0, "disk": 0, "miss": 0}

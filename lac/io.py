@@ -39,6 +39,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+TMP_MAX_AGE_S = 3600.0  # a temp file older than this is a killed writer's: a live one renames within seconds
+
+
+def remove_stale_tmp(folder: str | Path, older_than_s: float = TMP_MAX_AGE_S) -> int:
+    """Delete the temp files `atomic_write` left in `folder` when its process was killed mid-write
+    (SIGKILL, preemption, power loss): never trusted, but a cache entry's is ~10 MB that nothing
+    else would remove. Only files older than `older_than_s` go, so a writer still at work keeps its own."""
+    cutoff, n = time.time() - older_than_s, 0
+    try:
+        found = list(Path(folder).glob(".*.tmp"))
+    except OSError:
+        return 0
+    for tmp in found:
+        try:
+            if tmp.is_file() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                n += 1
+        except OSError:  # gone already (another process swept it) or not ours to delete
+            continue
+    if n:
+        log.info("removed %d temp file(s) left by an interrupted write in %s", n, folder)
+    return n
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lac.io import atomic_write_bytes, atomic_write_json, locked
+from lac.io import atomic_write_bytes, atomic_write_json, locked, remove_stale_tmp
 from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
 from lac.stats import describe as cell_stats
 from lac.stats import layers_key
@@ -225,6 +225,8 @@ class JobStore:
                     "refusing to overwrite it (choose another results_root or remove the folder)"
                 )
         self.parts.mkdir(parents=True, exist_ok=True)
+        for folder in (self.dir, self.parts, self.dir / "tracked"):
+            remove_stale_tmp(folder)
         if not own.is_file():
             atomic_write_json(own, {"key": self.key, "config": config})
 

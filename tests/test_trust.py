@@ -185,6 +185,43 @@ def test_activation_cache_write_failure_is_not_fatal(tmp_path, monkeypatch, capl
     assert cache.get([Cell("x", "y0")], None)["x__y0"] is caps[0]  # the memory cache still works
 
 
+def test_temp_files_of_a_killed_writer_are_removed_once_stale(tmp_path, monkeypatch):
+    """A process killed between mkstemp and rename (preemption mid-write) leaves `.<name>.*.tmp`;
+    the next job on that cache folder or job store removes it once it is older than any live write."""
+    from lac.cache import ActivationCache, capture_key
+    from lac.grid import grid_from_mapping
+    from lac.io import TMP_MAX_AGE_S, atomic_write_bytes
+    from lac.results import JobStore
+    from tests.tiny import tiny_model
+
+    def leftovers(folder):
+        old = folder / ".entry.safetensors.k1ll3d.tmp"
+        young = folder / ".entry.safetensors.wr1t1ng.tmp"  # another process still writing
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in (old, young):
+            f.write_bytes(b"half")
+        past = time.time() - TMP_MAX_AGE_S - 60
+        os.utime(old, (past, past))
+        keep = folder / "entry.safetensors"
+        atomic_write_bytes(keep, b"whole")
+        os.utime(keep, (past, past))
+        return old, young, keep
+
+    monkeypatch.setenv("LAC_ACTIVATIONS_DIR", str(tmp_path / "acts"))
+    lm = tiny_model("qwen2")
+    grid = grid_from_mapping({"baseline": {"persona": "b", "task": "t"}, "personas": {"x": "X"},
+                              "tasks": {"y": "Y"}}, "g")
+    old, young, keep = leftovers(tmp_path / "acts" / capture_key(lm, grid))
+    ActivationCache(lm, grid)
+    assert not old.exists() and young.exists() and keep.read_bytes() == b"whole"
+
+    store = JobStore(tmp_path / "res", "k1")
+    found = [leftovers(store.dir), leftovers(store.parts)]
+    store.claim({"a": 1})
+    for old, young, keep in found:
+        assert not old.exists() and young.exists() and keep.read_bytes() == b"whole"
+
+
 # --------------------------------------------------------------------------- the CLI, end to end
 
 
