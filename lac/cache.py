@@ -12,6 +12,11 @@ the first job computed. The key covers model identity, dtype, attention
 implementation, chat template and grid text. Files are written atomically and
 carry a SHA-256 of their tensors: a corrupt or truncated entry is reported,
 deleted and recomputed, never trusted. No pickle.
+
+Each key folder records what it holds (`about.json`: model, grid, dtype, versions; its mtime
+is when a job last opened the folder), so `python -m lac.cache` can list the cache and
+prune folders no job of this lac will read again (another numerics or capture version) or
+that no job has used for days.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class ActivationCache:
         self.dir = cache_root() / self.key if disk else None
         if self.dir is not None:
             remove_stale_tmp(self.dir)
+            _note_use(self.dir, {"model": lm.name, "model_id": lm.model_id, "dtype": str(lm.dtype).replace("torch.", ""),
+                                 "linear": lm.linear, "grid": grid.name, "capture_version": CAPTURE_VERSION,
+                                 "numerics_version": NUMERICS_VERSION})
         self.traces, self.device = traces, lm.device
         self.memory_cells = memory_cells
         self.hits = {"memory": 0, "disk": 0, "miss": 0}
@@ -206,3 +214,92 @@ def _get_trace(tensors: dict[str, torch.Tensor], meta: dict[str, str], role: str
         hidden=None if hidden is None else hidden.to(device), first=int(meta[f"trace_first.{role}"]),
         depth=int(meta[f"trace_depth.{role}"]), logp={p: x.to(device) for p, x in logp.items()},
     )
+
+
+ABOUT = "about.json"
+
+
+def _note_use(folder: Path, about: dict) -> None:
+    """Record what a key folder holds (once) and when a job last opened it (the record's mtime).
+    Optional like the whole disk cache: a folder that cannot be written is left as it is."""
+    record = folder / ABOUT
+    try:
+        if record.is_file():
+            os.utime(record)
+        else:
+            from lac.io import atomic_write_json
+
+            atomic_write_json(record, about)
+    except OSError:
+        pass
+
+
+def folders(root: Path | None = None) -> list[dict]:
+    """Every key folder under the cache root: what it holds, its size, when last used, and whether
+    this lac reads it (`status`: current, stale, or unknown for folders written before `about.json`)."""
+    import time
+
+    root = cache_root() if root is None else Path(root)
+    found = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        files = [f for f in d.iterdir() if f.is_file()]
+        about, record = {}, d / ABOUT
+        try:
+            about = json.loads(record.read_text())
+        except (OSError, ValueError):
+            pass
+        used = record.stat().st_mtime if record.is_file() else max((f.stat().st_mtime for f in files), default=0.0)
+        if not about:
+            status = "unknown"
+        elif (about.get("numerics_version"), about.get("capture_version")) == (NUMERICS_VERSION, CAPTURE_VERSION):
+            status = "current"
+        else:
+            status = "stale"
+        found.append({"key": d.name, "path": d, "status": status, "about": about,
+                      "cells": sum(f.suffix == ".safetensors" for f in files),
+                      "bytes": sum(f.stat().st_size for f in files), "used": used,
+                      "days_unused": (time.time() - used) / 86400})
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lac.cache`: list the on-disk activation cache; `--prune-stale` / `--prune-unused DAYS`
+    delete folders (`--dry-run` only says which). Run it while no job uses the cache."""
+    import argparse
+    import shutil
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m lac.cache", description=main.__doc__)
+    ap.add_argument("--prune-stale", action="store_true",
+                    help=f"delete folders of another numerics or capture version (this lac: numerics "
+                         f"{NUMERICS_VERSION}, capture {CAPTURE_VERSION}); no job of this lac reads them")
+    ap.add_argument("--prune-unused", type=float, metavar="DAYS",
+                    help="delete folders no job has opened for more than DAYS days")
+    ap.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    args = ap.parse_args(argv)
+    if args.prune_unused is not None and args.prune_unused < 0:
+        ap.error(f"--prune-unused {args.prune_unused:g}: give a number of days >= 0")
+    root = cache_root()
+    rows = folders(root)
+    print(f"activation cache {root}: {len(rows)} folder(s), {sum(r['bytes'] for r in rows) / 2**20:.0f} MiB")
+    for r in rows:
+        a = r["about"]
+        what = f"{a.get('model', '?')} ({a.get('dtype', '?')}, {a.get('linear', '?')}) grid {a.get('grid', '?')}" if a \
+            else "written before lac recorded what a folder holds"
+        when = time.strftime("%Y-%m-%d", time.localtime(r["used"])) if r["used"] else "never"
+        print(f"  {r['key']}  {r['status']:<7}  {r['cells']:>4} cells  {r['bytes'] / 2**20:>8.1f} MiB  "
+              f"last used {when}  {what}")
+    doomed = [r for r in rows if (args.prune_stale and r["status"] == "stale")
+              or (args.prune_unused is not None and r["days_unused"] > args.prune_unused)]
+    for r in doomed:
+        print(f"{'would delete' if args.dry_run else 'deleting'} {r['path']} ({r['status']}, "
+              f"unused for {r['days_unused']:.1f} days, {r['bytes'] / 2**20:.1f} MiB)")
+        if not args.dry_run:
+            shutil.rmtree(r["path"], ignore_errors=True)
+    if doomed:
+        print(f"{'would free' if args.dry_run else 'freed'} {sum(r['bytes'] for r in doomed) / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
