@@ -35,7 +35,7 @@ from lac import sites
 from lac.capture import CellCapture
 from lac.engine import Trace
 from lac.grid import Cell, Grid
-from lac.io import atomic_write, remove_stale_tmp
+from lac.io import atomic_write, atomic_write_json, remove_stale_tmp
 from lac.models import LoadedModel
 from lac.numerics import NUMERICS_VERSION
 from lac.prompts import PromptBook, user_message
@@ -227,8 +227,6 @@ def _note_use(folder: Path, about: dict) -> None:
         if record.is_file():
             os.utime(record)
         else:
-            from lac.io import atomic_write_json
-
             atomic_write_json(record, about)
     except OSError:
         pass

@@ -83,7 +83,7 @@ def test_an_unwritable_cache_folder_is_not_an_error(root, monkeypatch):
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("lac.io.atomic_write_json", refuse)
+    monkeypatch.setattr("lac.cache.atomic_write_json", refuse)
     cache = ActivationCache(tiny_model("qwen2"), _grid())
     assert cache.dir is not None and not (cache.dir / ABOUT).exists()
     assert cache_mod.folders() == []
