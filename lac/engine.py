@@ -17,6 +17,7 @@ generations).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,24 +37,18 @@ Patch = tuple[int, int, torch.Tensor]
 COUNTS = {"forwards": 0, "tokens": 0, "block_tokens": 0}
 
 
+@functools.cache
 def cache_kwarg() -> str:
     """The name a model's forward takes its KV cache by, and its output returns it by.
 
     transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40, where
     it goes). A forward that no longer knows the name lac passes would take it as an unknown
     kwarg and start an empty cache: every continued row would attend to its new tokens alone."""
-    global _CACHE_KWARG
-    if _CACHE_KWARG is None:
-        from dataclasses import fields
+    from dataclasses import fields
 
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        names = {f.name for f in fields(CausalLMOutputWithPast)}
-        _CACHE_KWARG = "cache" if "cache" in names else "past_key_values"
-    return _CACHE_KWARG
-
-
-_CACHE_KWARG: str | None = None
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def _count(tokens: int, blocks: int) -> None:
