@@ -227,6 +227,11 @@ class JobStore:
         self.parts.mkdir(parents=True, exist_ok=True)
         for folder in (self.dir, self.parts, self.dir / "tracked"):
             remove_stale_tmp(folder)
+        # a publish killed between its two renames left the replaced results here; the key's lock
+        # (held by every caller of claim) means no live publish of this key owns one
+        for old in self.root.glob(f".old-{self.key}-*"):
+            log.info("removing %s, left by a rerun killed while it published", old)
+            shutil.rmtree(old, ignore_errors=True)
         if not own.is_file():
             atomic_write_json(own, {"key": self.key, "config": config})
 

@@ -101,6 +101,18 @@ def test_publish_swaps_a_rerun_in_and_discard_leaves_nothing(tmp_path):
     assert (tmp_path / "kept").exists()  # computed cells are never thrown away
 
 
+def test_a_publish_killed_between_its_renames_leaves_nothing_behind(tmp_path):
+    """publish moves the old results aside, then the rerun in; a kill between the two leaves
+    `.old-<key>-<pid>`, which the key's next job removes (it holds the key's lock); other keys' stay."""
+    _store(tmp_path, "k")
+    os.replace(tmp_path / "k", tmp_path / ".old-k-4242")  # the first rename, then the kill
+    (tmp_path / ".old-k2-4242").mkdir()  # another key's: not this job's to touch
+    store = JobStore(tmp_path, "k")
+    assert not store.done  # no folder holds the key: recompute, never stale results
+    store.claim({"a": 1})
+    assert not (tmp_path / ".old-k-4242").exists() and (tmp_path / ".old-k2-4242").is_dir()
+
+
 @pytest.mark.parametrize("named", [True, False])  # a failed open() names its file, a failed write() none
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_a_full_disk_mid_job_is_one_line_and_keeps_the_written_cells(tmp_path, monkeypatch, code, named):
