@@ -161,15 +161,24 @@ def _run(cfg: DictConfig, out: Path, overrides: tuple[str, ...]) -> JobResult:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The warnings lac's own calls raise upstream (Lightning's) stay out of a notebook, as they stay
-    off the command line's console; the caller's warning filters come back after."""
+    """The warnings lac's own calls raise upstream (Lightning's) and transformers' weight-loading bar
+    stay out of a notebook, as they stay off the command line's console; the caller's warning
+    filters and bar setting come back after."""
     import warnings
+
+    from transformers.utils import logging as hf_logging
 
     from lac.tracking import quiet_job_warnings
 
-    with warnings.catch_warnings():
-        quiet_job_warnings()
-        yield
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            quiet_job_warnings()
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _new_job_dir(root: Path = Path("outputs")) -> Path:

@@ -83,6 +83,25 @@ def test_compose_is_the_command_lines_config():
     assert list(cfg.layer) == [6, 10] and list(cfg.site.sites) == ["p_last"]
 
 
+def test_api_calls_hide_the_weight_loading_bar_and_give_the_setting_back():
+    """transformers' "Loading weights" bar is off inside an api call (as on the command line), and the
+    notebook's own setting, on or off, is what it was after, also when the call raises."""
+    from transformers.utils import logging as hf_logging
+
+    given = hf_logging.is_progress_bar_enabled()  # other tests' jobs may have switched it off
+    try:
+        for before in (True, False):
+            (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+            with api._quiet():
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() is before
+            with pytest.raises(RuntimeError), api._quiet():
+                raise RuntimeError("a job failed")
+            assert hf_logging.is_progress_bar_enabled() is before
+    finally:
+        (hf_logging.enable_progress_bar if given else hf_logging.disable_progress_bar)()
+
+
 @pytest.mark.slow
 def test_job_and_captures_equal_the_plain_implementation(qwen, tmp_path, monkeypatch):
     """api.job's rows (KL, geometry) and api.captures' vectors against lac.naive's own forwards
