@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +29,8 @@ def exit_now(code: object) -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
+    for sig in (signal.SIGINT, signal.SIGTERM):  # everything is written: a late signal cannot cut this short
+        signal.signal(sig, signal.SIG_IGN)
     stop_tracker_children()
     stop_joblib_workers()
     reap_exited()

@@ -57,22 +57,35 @@ def drop_if_empty(job_dir: Path, log_name: str) -> None:
         pass  # a folder it cannot read or remove stays, as before
 
 
-def interrupted() -> None:
-    """Ctrl-C: one line, not a traceback through torch's forward (HYDRA_FULL_ERROR=1 shows it); the
-    job's W&B run has ended as failed by now, and its written batches stay for the rerun."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, `docker stop`, a scheduler preempting the job): stop as Ctrl-C
+    stops, at once, with the written cells kept. Left to Lightning, SIGTERM would only set a flag
+    its predict loop never reads: the job ran on, deaf, until the scheduler's SIGKILL."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def interrupted(how: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: one line, not a traceback through torch's forward (HYDRA_FULL_ERROR=1 shows
+    it); the job's W&B run has ended as failed by now, and its written batches stay for the rerun."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the exit short
-    print("lac: interrupted; finished jobs and the cells written so far are kept: the same command "
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    what = "terminated (SIGTERM)" if isinstance(how, Terminated) else "interrupted"
+    print(f"lac: {what}; finished jobs and the cells written so far are kept: the same command "
           "resumes from them", file=sys.stderr)
-    exit_now(130)
+    exit_now(143 if isinstance(how, Terminated) else 130)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except SystemExit as e:  # Hydra and lac end with sys.exit(code); other exceptions keep Python's own exit
         exit_now(e.code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if full_error():
             raise
-        interrupted()
+        interrupted(e)
     exit_now(0)

@@ -352,10 +352,10 @@ def _predict(lm: LoadedModel, spec: Spec, cells: list[Cell], store: JobStore, cf
     try:
         trainer.predict(module, dataloaders=loader, return_predictions=False)
     except SystemExit as e:
-        # Lightning turns Ctrl-C into sys.exit(1) while handling it: it stays a Ctrl-C for lac.run. Any
-        # other exit (submitit's requeue on USR2) goes on as it is.
+        # Lightning turns Ctrl-C (and lac.run's SIGTERM) into sys.exit(1) while handling it: it stays
+        # what it was for lac.run. Any other exit (submitit's requeue on USR2) goes on as it is.
         if isinstance(e.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+            raise e.__context__ from None
         raise
     log.info("activation cache %s: %s", cache.key, cache.hits)
 

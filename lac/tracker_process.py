@@ -221,8 +221,11 @@ class _ToParent(logging.Handler):
 
 def main(fd: int, verbose: bool = False) -> int:
     """The child: import wandb; then, job after job, wait for a run, serve its commands, finish it."""
-    # Ctrl-C reaches the whole process group: the job's process ends the run (failed), not a traceback here
+    # Ctrl-C, and SIGTERM from `timeout` or `docker stop`, reach the whole process group: the job's
+    # process ends the run (failed), not a traceback or a lost run here; if that process is killed
+    # outright, the closed pipe ends the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(fd)
     lock = threading.Lock()  # wandb's threads may log while the main thread answers
 

@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
                 seen[pid] = cmd  # the latest: a process may exec
 
     proc = subprocess.Popen(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the command's group is not for PID 1
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C or `timeout` to the command's group is not for PID 1
+        signal.signal(sig, signal.SIG_IGN)
     while proc.poll() is None:
         look()
         time.sleep(0.1)
