@@ -544,7 +544,7 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
            pending: Future | None = None) -> None:
     """Log the job's W&B run unless this store already holds a finished one for this run id
     (a job killed after its results were safe, or a twin that waited on the lock, logs it now)."""
-    from lac.tracking import start_tracker, timing_line
+    from lac.tracking import TrackerError, start_tracker, timing_line
 
     t0 = time.monotonic()
     summary = json.loads((store.dir / "summary.json").read_text())
@@ -559,11 +559,15 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
         else:
             tracker = start_tracker(cfg.tracker, run_id=run_id, config=config, run_dir=job_dir, name=name)
         try:
-            tracker.log_results(df, summary["summary"])
-            if gens:
-                tracker.log_generations(gens)
-        finally:
-            tracker.finish()
+            try:
+                tracker.log_results(df, summary["summary"])
+                if gens:
+                    tracker.log_generations(gens)
+            finally:
+                tracker.finish()
+        except TrackerError as e:  # W&B's process died under us: the results are safe, the run is not marked
+            raise TrackerError(f"{e}; the job's results are kept in {store.dir}, and the same command logs "
+                               "its W&B run") from e
         if tracker.mode in ("online", "offline"):
             store.mark_tracked(run_id, tracker.url_or_dir)
     elif pending is not None:  # a twin logged this run meanwhile: end ours without logging twice

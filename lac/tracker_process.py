@@ -98,7 +98,7 @@ class RemoteTracker(Tracker):
         self._finished = True
         if self._begun:
             try:
-                self._conn.send(("finish", exit_code))
+                self._send(("finish", exit_code))
                 self._reply("finished")
             except BaseException:
                 self.close()
@@ -127,8 +127,22 @@ class RemoteTracker(Tracker):
 
     def _call(self, command: str, *args: Any) -> None:
         self.result()
-        self._conn.send((command, *args))
+        self._send((command, *args))
         self._reply("ok")
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            self._conn.send(msg)
+        except OSError:  # BrokenPipeError: the child is gone (killed, out of memory)
+            self._gone()
+
+    def _gone(self) -> None:
+        """The child is gone: nothing left to finish (its run lacks its exit record, and the job's
+        store does not mark it logged, so the next run of the job logs it)."""
+        code = self._proc.wait()
+        self._finished = True
+        self.close()
+        raise TrackerError(f"the W&B process ended before it answered (exit code {code})") from None
 
     def _reply(self, expected: str) -> tuple:
         """The child's next answer; its log records are logged here on the way."""
@@ -136,8 +150,7 @@ class RemoteTracker(Tracker):
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
-                code = self._proc.wait()
-                raise TrackerError(f"the W&B process ended before it answered (exit code {code})") from None
+                self._gone()
             if msg[0] == "log":
                 _, name, level, text = msg
                 logging.getLogger(name).log(level, "%s", text)

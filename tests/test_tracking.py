@@ -683,6 +683,50 @@ def test_when_the_jobs_process_goes_away_its_run_ends_as_failed(tmp_path):
     assert run.exit_code == 1 and "results" in run.tables
 
 
+def test_a_w_and_b_process_killed_mid_run_is_one_tracker_error_naming_what_is_kept(tmp_path):
+    """A SIGTERM to the job's group (`timeout`) leaves the child running for the job to end; a child
+    killed outright (SIGKILL, the OOM killer) is a TrackerError, not a BrokenPipeError traceback, and
+    the job's end says its results are kept, its run not marked logged (the next run logs it)."""
+    import signal
+
+    from lac.results import JobStore
+    from lac.runner import _track
+    from lac.tracker_process import RemoteTracker
+
+    remote = RemoteTracker()
+    remote.begin(tcfg(), run_id=run_id_for("killed", tcfg()), config=job_config(), run_dir=tmp_path, name="j")
+    remote.result()
+    os.kill(remote._proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert remote._proc.poll() is None
+    os.kill(remote._proc.pid, signal.SIGKILL)
+    remote._proc.wait(timeout=60)
+    with pytest.raises(TrackerError, match=r"the W&B process ended before it answered \(exit code -9\)"):
+        remote.log_results(results_df(), summarize(results_df()))
+    remote.finish(exit_code=1)  # already let go: nothing to finish, nothing raised
+
+    store = JobStore(tmp_path / "store", "k")
+    store.claim(job_config())
+    store.finish(results_df(), {"summary": summarize(results_df())}, [])
+
+    class Dead:  # the job's run, begun early, whose process has died since
+        mode = "offline"
+
+        def result(self):
+            return self
+
+        def log_results(self, df, summary):
+            raise TrackerError("the W&B process ended before it answered (exit code -9)")
+
+        def finish(self, exit_code=None):
+            pass
+
+    with pytest.raises(TrackerError, match=r"exit code -9\); the job's results are kept in .*store/k, and the "
+                                           r"same command logs its W&B run"):
+        _track(OmegaConf.create({"tracker": tcfg()}), store, "lac-k", tmp_path, "j", job_config(), Dead())
+    assert not store.tracked("lac-k")
+
+
 def test_a_run_the_child_cannot_start_is_a_tracker_error_here(tmp_path, monkeypatch):
     """start_tracker's own error (here: online without an API key) comes back as a TrackerError
     naming it; the child has exited and finishing it afterwards does nothing."""
