@@ -39,8 +39,48 @@ def compose(*overrides: str) -> DictConfig:
 
     from lac.paths import conf_dir
 
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with _config_errors(overrides), initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+@contextlib.contextmanager
+def _config_errors(overrides: Iterable[str]) -> Iterator[None]:
+    """Overrides Hydra cannot compose raise ConfigError (a LacError) in one line, as every other bad input
+    does: an unknown group option names the group's options; a sweep given to api.job names api.sweep."""
+    import re
+
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from lac.config import check_group_choices
+    from lac.paths import conf_dir
+
+    check_group_choices(list(overrides), conf_dir())
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as e:
+        msg = str(e)
+        quoted = re.search(r"'([^']+)'", msg)
+        what = quoted.group(1) if quoted else " ".join(overrides)
+        if "--multirun" in msg:
+            raise ConfigError(f"{what} is a sweep: api.sweep runs it (api.job and api.captures take one job's "
+                              "overrides; a list value is key=[a,b])") from None
+        if msg.startswith("Could not override"):
+            parent = what.rpartition(".")[0]
+            keys = _keys_of(parent, [o for o in overrides if o.lstrip("+~").split("=")[0] != what])
+            raise ConfigError(f"no key {what!r} in this job's config; {parent or 'its top level'} has: "
+                              f"{keys or '?'} (a key of your own is added with +{what}=...)") from None
+        raise ConfigError(f"cannot use the overrides {' '.join(overrides)}: {' '.join(msg.split())}") from None
+
+
+def _keys_of(node: str, overrides: list[str]) -> str | None:
+    """The keys a config node has without the override that failed (None: it cannot be composed)."""
+    from omegaconf import OmegaConf
+
+    try:
+        found = OmegaConf.select(compose(*overrides), node) if node else compose(*overrides)
+    except Exception:
+        return None
+    return ", ".join(sorted(map(str, found.keys()))) if isinstance(found, DictConfig) else None
 
 
 @dataclass(frozen=True)
@@ -89,7 +129,7 @@ def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
     from lac.paths import conf_dir
 
     jobs = []
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+    with _config_errors(overrides), initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         hydra = GlobalHydra.instance()
         master = hydra.hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
                                             with_log_configuration=False)

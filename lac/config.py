@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,37 @@ class Spec:
     marker_layers: tuple[int, ...] = ()  # the layer set every changing marker condition uses
     condition_ivs: tuple[Intervention, ...] = ()  # markers mode: the conditions, built for the grid
     attn_mass: bool = False  # attn_persona rows from the clean XY run, every layer
+
+
+def check_group_choices(overrides: Sequence[str], conf: str | Path) -> None:
+    """An option a config group does not have (`site=plast`, or one value of `-m model=qwen0.5,qwen05`)
+    as one line naming it and the group's options, before Hydra composes: Hydra's own message is a dozen
+    lines (twice in a multirun), and in a notebook it is not a LacError. What Hydra cannot parse, a
+    group of Hydra's own (hydra/launcher) and a search path of the user's are left to Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    groups = {p.name: p for p in Path(conf).iterdir() if p.is_dir() and p.name != "hydra"}
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # Hydra's parse error names the override and the grammar
+        return
+    if any(o.key_or_group.startswith("hydra.searchpath") for o in parsed):
+        return
+    for o in parsed:
+        folder = groups.get(o.key_or_group)
+        if folder is None or o.package is not None or o.is_delete():
+            continue
+        if o.value_type == ValueType.ELEMENT:
+            values = [o.value()]
+        elif o.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+            values = list(o.sweep_string_iterator())
+        else:
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        bad = [v for v in values if isinstance(v, str) and v not in options]
+        if bad:
+            raise ConfigError(f"unknown {o.key_or_group} {', '.join(map(repr, bad))}; allowed: {', '.join(options)}")
 
 
 def n_layers_of(model_cfg: DictConfig) -> int:
@@ -248,17 +280,24 @@ def build_spec(cfg: DictConfig) -> Spec:
 
 
 def check_results_root(root: Any) -> Path:
-    """results_root must name a writable folder (made if absent): checked before any model loads."""
+    """results_root must name a folder this process can write, or one it can make: checked before any
+    model loads, without making it (a refused job leaves no folder; the job's store makes it)."""
     if root is None or not str(root).strip():
         raise ConfigError("results_root is empty; give a folder, e.g. results_root=outputs/results")
     path = Path(str(root)).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"results_root={str(root)!r} is a file, not a folder; give a folder for the job store")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
+        if path.is_dir():
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            base = next(p for p in path.absolute().parents if p.exists())  # the folder it would be made in
+            if not base.is_dir():
+                raise NotADirectoryError(f"{base} is a file")
+            if not os.access(base, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot make folders in {base}")
     except OSError as e:
         raise ConfigError(f"results_root={str(root)!r} is not writable ({e.strerror or e}); give a folder you can write") from None
     return path

@@ -8,6 +8,7 @@ reported and the sweep goes on (lac.multirun).
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import sys
@@ -18,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lac.config import check_group_choices
 from lac.errors import LacError
 from lac.leave import exit_now
 from lac.multirun import full_error, record_failure
@@ -46,6 +48,24 @@ def main(cfg: DictConfig) -> None:
         raise
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Group options checked before Hydra composes (lac.config.check_group_choices); a command
+    line Hydra's own parser refuses, or one with a config dir or path of the user's, is left to Hydra."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args, extra = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return
+    if args.config_dir or args.config_path or args.config_name:
+        return
+    check_group_choices([*args.overrides, *(a for a in extra if not a.startswith("-"))], CONF)
+
+
 def drop_if_empty(job_dir: Path, log_name: str) -> None:
     """A run refused before it logged a line leaves no outputs/DATE/TIME folder. Only a folder
     holding nothing but Hydra's .hydra/ and an empty job log goes; anything else stays."""
@@ -53,8 +73,10 @@ def drop_if_empty(job_dir: Path, log_name: str) -> None:
         names = {p.name for p in job_dir.iterdir()}
         if names <= {".hydra", log_name} and (job_dir / log_name).stat().st_size == 0:
             shutil.rmtree(job_dir)
+            if re.fullmatch(r"\d{4}-\d{2}-\d{2}", job_dir.parent.name):  # Hydra's outputs/DATE, if now empty
+                job_dir.parent.rmdir()
     except OSError:
-        pass  # a folder it cannot read or remove stays, as before
+        pass  # a folder it cannot read or remove (or a DATE folder holding other runs) stays, as before
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,9 +103,15 @@ def interrupted(how: KeyboardInterrupt) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminate)
     try:
+        check_command_line(sys.argv[1:])
         main()
     except SystemExit as e:  # Hydra and lac end with sys.exit(code); other exceptions keep Python's own exit
         exit_now(e.code)
+    except LacError as e:  # check_command_line's
+        if full_error():
+            raise
+        print(f"lac: {e}", file=sys.stderr)
+        exit_now(2)
     except KeyboardInterrupt as e:
         if full_error():
             raise

@@ -35,6 +35,20 @@ def test_bad_input_raises_before_any_folder_or_model(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"cells \['yoda__haiku'\] are not in grid 'custom'; its cells: "
                                           r"pirate__poem, yoda__poem"):
         api.captures(*_grid(tmp_path), cells=["yoda__haiku"])
+    bad = {  # what Hydra cannot compose: one-line ConfigErrors (LacError), not Hydra's exceptions
+        ("site=plast",): r"^unknown site 'plast'; allowed: all, g1, g2, p_last, p_user_last, transition$",
+        ("layer=range(4,6)",): r"^layer=range\(4,6\) is a sweep: api.sweep runs it",
+        ("site=p_last,g1",): r"^site=p_last,g1 is a sweep: api.sweep runs it",
+        ("tracker=none", "tracker.mode=x"): r"^no key 'tracker.mode' in this job's config; tracker has: name \(",
+        ("layer=[6,10",): r"^cannot use the overrides layer=\[6,10: no viable alternative",
+    }
+    for overrides, match in bad.items():
+        with pytest.raises(ConfigError, match=match):
+            api.job(*overrides)
+    with pytest.raises(ConfigError, match=r"^unknown model 'qwen05'; allowed: gemma2, qwen0.5, qwen1.5, qwen3, smollm2$"):
+        api.sweep("model=qwen0.5,qwen05", "tracker=none")
+    with pytest.raises(ConfigError, match=r"^no key 'sitee' in this job's config; its top level has: attn_persona, "):
+        api.compose_sweep("sitee=4,5")
     assert not (tmp_path / "outputs").exists()
     assert runner._MODEL == loaded
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -195,7 +197,7 @@ def test_grid_path_that_is_a_directory(tmp_path):
         spec("grid=custom", f"grid.path={tmp_path}")
 
 
-def test_results_root_checked(tmp_path):
+def test_results_root_checked(tmp_path, monkeypatch):
     from lac.config import check_results_root
 
     with pytest.raises(ConfigError, match="results_root is empty"):
@@ -206,7 +208,15 @@ def test_results_root_checked(tmp_path):
         check_results_root(str(f))
     with pytest.raises(ConfigError, match="is not writable"):
         check_results_root(str(f / "sub"))  # a folder cannot be made under a file
-    assert check_results_root(str(tmp_path / "new" / "root")).is_dir()
+    new = tmp_path / "new" / "root"
+    assert check_results_root(str(new)) == new and not (tmp_path / "new").exists()  # checked, not made
+    import lac.config
+
+    calls = []
+    monkeypatch.setattr(lac.config.os, "access", lambda p, mode: calls.append(Path(p)) or False)  # as a read-only tmp
+    with pytest.raises(ConfigError, match=r"is not writable \(cannot make folders in /.*\)"):
+        check_results_root(str(tmp_path / "new" / "a" / "b"))
+    assert calls == [tmp_path.absolute()]  # the nearest folder that exists: where it would be made
 
 
 def test_model_id_neither_hub_id_nor_folder(tmp_path, monkeypatch):

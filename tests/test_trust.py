@@ -345,8 +345,14 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert not (tmp_path / "run").exists()  # no empty outputs/DATE/TIME folder per refused run
     full = cli(tmp_path, "tracker=none", "layer=[3,3]", env={"HYDRA_FULL_ERROR": "1"})
     assert full.returncode != 0 and "Traceback" in full.stderr and "ConfigError" in full.stderr
-    hydra_own = cli(tmp_path, "tracker=none", "site=p_first")  # Hydra's config errors stay Hydra's
-    assert hydra_own.returncode == 1 and "Could not find 'site/p_first'" in hydra_own.stderr
+    sites = "allowed: all, g1, g2, p_last, p_user_last, transition"
+    group = cli(tmp_path, "tracker=none", "site=p_first")  # an unknown group option: lac's line, not Hydra's dozen
+    assert group.returncode == 2 and group.stderr.strip().splitlines() == [f"lac: unknown site 'p_first'; {sites}"]
+    swept = cli(tmp_path, "-m", "tracker=none", "site=p_last,p_first,g9")  # once, not as a warning and an error
+    assert swept.returncode == 2 and swept.stderr.strip().splitlines() == [f"lac: unknown site 'p_first', 'g9'; {sites}"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "multirun").exists()
+    hydra_own = cli(tmp_path, "tracker=none", "sitee=p_last")  # a misspelt key stays Hydra's error (it names it)
+    assert hydra_own.returncode == 1 and "Could not override 'sitee'" in hydra_own.stderr
 
 
 def test_only_a_bare_refused_run_folder_is_removed(tmp_path):
@@ -362,6 +368,16 @@ def test_only_a_bare_refused_run_folder_is_removed(tmp_path):
     for d in (bare, used, logged):
         drop_if_empty(d, "run.log")
     assert not bare.exists() and (used / "notes.txt").exists() and (logged / "run.log").exists()
+    # Hydra's default outputs/DATE/TIME: the DATE folder goes too once empty, not while it holds another run
+    day = tmp_path / "outputs" / "2026-11-25"
+    for t in ("10-00-00", "10-00-01"):
+        (day / t / ".hydra").mkdir(parents=True)
+        (day / t / "run.log").write_text("")
+    drop_if_empty(day / "10-00-00", "run.log")
+    assert [p.name for p in day.iterdir()] == ["10-00-01"]
+    drop_if_empty(day / "10-00-01", "run.log")
+    assert not day.exists() and (tmp_path / "outputs").is_dir()
+    assert tmp_path.is_dir()  # a user's hydra.run.dir's parent (not a DATE) is never removed
 
 
 def test_multirun_is_validated_before_the_first_job(tmp_path):
