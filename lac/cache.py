@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(r["path"], ignore_errors=True)
     if doomed:
         print(f"{'would free' if args.dry_run else 'freed'} {sum(r['bytes'] for r in doomed) / 2**20:.1f} MiB")
+    elif args.prune_stale or args.prune_unused is not None:
+        print("nothing to delete: no folder is " + " or ".join(
+            (["stale"] if args.prune_stale else [])
+            + ([f"unused for over {args.prune_unused:g} days"] if args.prune_unused is not None else [])))
     return 0
 
 

@@ -510,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"lac.dashboard: wrote {out}")
     save = args.save or (online and not args.dry_run)
     if not save:
-        print("lac.dashboard: not saved (dry run); save it with the same command and --save")
+        why = "--dry-run" if args.dry_run else "W&B is offline (no API key, or WANDB_MODE=offline)"
+        print(f"lac.dashboard: not saved ({why}); save it with the same command and --save, online")
         return 0
     if not online:
         print(f"lac.dashboard: --save needs W&B online with an API key (WANDB_API_KEY or `wandb login`; "

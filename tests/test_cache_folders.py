@@ -71,6 +71,8 @@ def test_listing_and_pruning(root, capsys):
     assert main(["--prune-unused", "7"]) == 0
     assert not unknown.exists() and current.is_dir()
     assert f"deleting {unknown}" in capsys.readouterr().out
+    assert main(["--prune-stale", "--prune-unused", "7", "--dry-run"]) == 0  # nothing left to prune: said so
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to delete: no folder is stale or unused for over 7 days"
 
 
 def test_prune_refuses_negative_days(root, capsys):

@@ -66,7 +66,9 @@ def test_catalogue_workspace_offline_has_every_section(tmp_path, capsys):
     out = tmp_path / "ws.json"
     assert dashboard.main(["--entity", "e", "--project", "p", "--group", "g", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert f"wrote {out}" in stdout and "not saved (dry run)" in stdout
+    assert f"wrote {out}" in stdout and "not saved (W&B is offline (no API key, or WANDB_MODE=offline))" in stdout
+    assert dashboard.main(["--entity", "e", "--project", "p", "--out", str(tmp_path / "dry.json"), "--dry-run"]) == 0
+    assert "not saved (--dry-run)" in capsys.readouterr().out
     view = json.loads(out.read_text())
     assert view["entity"] == "e" and view["project"] == "p"
     sections = [s["name"] for s in view["spec"]["section"]["panelBankConfig"]["sections"]]
