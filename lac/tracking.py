@@ -97,6 +97,7 @@ import logging
 import netrc
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -646,14 +647,17 @@ def progress_callback(total_cells: int, enabled: bool | None = None) -> Any:
             if enabled:
                 super().on_predict_start(trainer, pl_module)
 
+        def init_predict_tqdm(self) -> Any:
+            """Lightning's bar in cells from its first line (it would first print an empty
+            `Predicting: 0/?`, then one per dataloader, in batches)."""
+            from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+            return Tqdm(desc="lac: cells captured and patched", total=total_cells, unit="cell",
+                        position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                        dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
         def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-            if enabled:
-                super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
-                bar = self.predict_progress_bar
-                bar.reset(total=total_cells)
-                bar.set_description("lac: cells captured and patched")
-                bar.n = self.cells
-                bar.refresh()
+            pass  # the bar counts cells, set at its start: nothing to reset per dataloader
 
         def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
             self.cells += len(batch)
