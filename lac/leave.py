@@ -72,6 +72,18 @@ def stop_joblib_workers() -> None:
     reap(orphans)
     atexit._run_exitfuncs()
     join_queue_feeders()
+    stop_resource_trackers()
+
+
+def stop_resource_trackers() -> None:
+    """multiprocessing's and loky's resource trackers, which a joblib sweep starts: each exits once
+    this process's end of its pipe closes, after os._exit, as an orphan of PID 1 (a zombie under one
+    that never reaps). Closed and waited for here, with nothing left registered (see above)."""
+    for name in ("multiprocessing.resource_tracker", "joblib.externals.loky.backend.resource_tracker"):
+        tracker = getattr(sys.modules.get(name), "_resource_tracker", None)
+        if tracker is not None and getattr(tracker, "_pid", None) is not None:
+            with contextlib.suppress(Exception):  # private API (Python 3.8+): the exit goes on without it
+                tracker._stop()
 
 
 def join_queue_feeders(timeout: float = 2.0) -> None:

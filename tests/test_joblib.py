@@ -87,10 +87,9 @@ def test_joblib_two_jobs_in_two_processes_equal_basic_launcher(tmp_path: Path):
     # the workers (a model loaded in each, the command's output pipe held open) end with the sweep,
     # not 300 s later (loky's idle timeout)
     assert not alive, f"joblib workers {alive} outlived the sweep"
-    # each worker's W&B child and wandb-core, killed with it, were reaped: nothing of lac's is left
-    # for a PID 1 that never reaps (loky's resource trackers are joblib's own, left by any joblib script)
-    left = [p for p in leftovers(par_out) if "resource_tracker" not in p["cmd"]]
-    assert left == [], left
+    # each worker's W&B child and wandb-core, killed with it, were reaped, and the resource trackers
+    # (multiprocessing's, loky's) stopped and waited for: nothing is left for a PID 1 that never reaps
+    assert leftovers(par_out) == []
     assert "leaked" not in par_out, par_out[-3000:]  # no resource tracker's warning ends the sweep
     assert sum(len(find_runs(tmp_path / "joblib" / "multirun" / str(num))) for num in (0, 1)) == 2
 
@@ -198,8 +197,7 @@ def test_stopped_joblib_workers_leave_no_children_behind(tmp_path, feeder):
     assert out.returncode == 0, out.stderr[-3000:]
     children = [int(pid) for pid in re.findall(r"\d+", out.stdout.split("children", 1)[1].splitlines()[0])]
     assert len(children) == 2
-    left = [p for p in leftovers(out.stdout) if "resource_tracker" not in p["cmd"]]
-    assert left == [], left
+    assert leftovers(out.stdout) == []  # the resource trackers too
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # killed and reaped
     assert "leaked" not in out.stderr, out.stderr[-3000:]
     assert ("held /loky-" in out.stdout) == (feeder == "held")  # the race was run
@@ -224,6 +222,5 @@ def test_ctrl_c_of_a_joblib_sweep_leaves_nothing_of_lacs_behind(tmp_path):
     assert proc.returncode == 130, out[-3000:]
     assert "lac: interrupted; finished jobs and the cells written so far are kept" in out
     assert "leaked" not in out, out[-3000:]
-    left = [p for p in leftovers(out) if "resource_tracker" not in p["cmd"]]
-    assert left == [], left
+    assert leftovers(out) == []
     assert len(find_runs(tmp_path / "multirun")) == 2  # both jobs had begun their runs
