@@ -156,14 +156,14 @@ def sweep(*overrides: str, sweep_dir: str | Path | None = None) -> list[JobResul
     import logging
 
     from lac import runner
-    from lac.multirun import check_job, failure_reason, refused
+    from lac.multirun import check_job, failure_reason, refusal
 
     jobs = compose_sweep(*overrides)
     depth_before = dict(runner.CAPTURE_DEPTH)
     try:
-        bad = [line for num, (job_over, cfg) in enumerate(jobs) if (line := check_job(num, job_over, cfg))]
+        bad = [(num, job_over, why) for num, (job_over, cfg) in enumerate(jobs) if (why := check_job(cfg))]
         if bad:
-            raise ConfigError("\n".join([*bad, refused(len(bad), len(jobs))]))
+            raise ConfigError("\n".join(refusal(bad, len(jobs))))
         base = Path(sweep_dir) if sweep_dir is not None else _new_job_dir(Path("outputs") / "multirun")
         results, failed = [], []
         for num, (job_over, cfg) in enumerate(jobs):

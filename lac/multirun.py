@@ -52,26 +52,50 @@ def job_overrides(config: DictConfig) -> list[list[str]]:
     return jobs
 
 
-def check_job(num: int, overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> str | None:
+def check_job(cfg: DictConfig) -> str | None:
     """A sweep's job before any job starts: lac's checks, and its capture depth in the sweep's plan,
-    so the first job captures as deep as the deepest needs. The line naming it where it cannot run."""
+    so the first job captures as deep as the deepest needs. Why it cannot run, if it cannot."""
     from lac.config import preflight
     from lac.runner import plan_sweep_depth
 
     try:
         plan_sweep_depth(cfg.model.name, preflight(cfg))
     except LacError as e:
-        return f"job {num} ({' '.join(overrides)}): {e}"
+        return str(e)
     return None
+
+
+def refusal(bad: list[tuple[int, tuple[str, ...] | list[str], str]], jobs: int) -> list[str]:
+    """The lines of a refused sweep: a job's number, overrides and reason; jobs refused for the same
+    reason (ten layers of a model the hub cannot give) share one line with the overrides they share."""
+    by_reason: dict[str, list[tuple[int, tuple[str, ...] | list[str]]]] = {}
+    for num, overrides, reason in bad:
+        by_reason.setdefault(reason, []).append((num, overrides))
+    lines = []
+    for reason, group in by_reason.items():
+        if len(group) == 1:
+            num, overrides = group[0]
+            lines.append(f"job {num} ({' '.join(overrides)}): {reason}")
+            continue
+        shared = [o for o in group[0][1] if all(o in over for _, over in group)]
+        lines.append(f"jobs {_spans([n for n, _ in group])} ({' '.join(shared) or 'overrides of their own'}): {reason}")
+    return [*lines, f"{len(bad)} of {jobs} jobs cannot run; no job was started"]
+
+
+def _spans(nums: list[int]) -> str:
+    """0, 1, 2, 5 -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for n in sorted(nums):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def failure_reason(error: BaseException) -> str:
     """How a failed job's error reads in a sweep's lines: a user error as its message, else with its type."""
     return str(error) if isinstance(error, LacError) else f"{type(error).__name__}: {error}"
-
-
-def refused(bad: int, jobs: int) -> str:
-    return f"{bad} of {jobs} jobs cannot run; no job was started"
 
 
 def reuse_compositions(loader: Any, master: DictConfig, composed: dict[tuple[str, ...], DictConfig]) -> None:
@@ -127,10 +151,10 @@ class LacCallback(Callback):
         for num, overrides in enumerate(jobs):  # (composing runs no lac code: no LacError there)
             cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
             composed[tuple(overrides)] = copy.deepcopy(cfg)  # as composed, before preflight resolves anything
-            if line := check_job(num, overrides, cfg):
-                bad.append(line)
+            if reason := check_job(cfg):
+                bad.append((num, overrides, reason))
         if bad:
-            print("\n".join(f"lac: {line}" for line in [*bad, refused(len(bad), len(jobs))]), file=sys.stderr)
+            print("\n".join(f"lac: {line}" for line in refusal(bad, len(jobs))), file=sys.stderr)
             sys.exit(2)
         reuse_compositions(loader, config, composed)
 

@@ -410,12 +410,26 @@ def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
     assert not (tmp_path / "multirun").exists()
 
 
+def test_jobs_refused_for_one_reason_share_a_line():
+    from lac.multirun import refusal
+
+    bad = [(0, ["model=a", "layer=4"], "no hub"), (1, ["model=a", "layer=5"], "no hub"), (3, ["model=a", "layer=7"], "no hub"),
+           (2, ["model=b", "layer=6"], "too deep"), (4, ["x=1"], "no hub")]
+    assert refusal(bad, 6) == ["jobs 0-1, 3-4 (overrides of their own): no hub", "job 2 (model=b layer=6): too deep",
+                               "5 of 6 jobs cannot run; no job was started"]
+    assert refusal(bad[:3], 3)[0] == "jobs 0-1, 3 (model=a): no hub"
+
+
 def test_offline_hub_models_fail_in_seconds(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = cli(tmp_path, "-m", "tracker=none", "model=gemma2,qwen1.5", env=env)
+    out = cli(tmp_path, "-m", "tracker=none", "model=gemma2,qwen1.5", "layer=6,10", env=env)
     assert out.returncode == 2 and out.seconds < 60
-    assert "google/gemma-2-2b-it is not in the local Hugging Face cache and HF_HUB_OFFLINE" in out.stderr
-    assert "Qwen/Qwen2.5-1.5B-Instruct" in out.stderr and "model=qwen0.5" in out.stderr
+    lines = out.stderr.strip().splitlines()  # one line per model, not per job
+    assert len(lines) == 3 and lines[0].startswith("lac: jobs 0-1 (") and lines[1].startswith("lac: jobs 2-3 (")
+    assert "model=gemma2" in lines[0].split("):")[0] and "layer=" not in lines[0].split("):")[0]
+    assert "google/gemma-2-2b-it is not in the local Hugging Face cache and HF_HUB_OFFLINE" in lines[0]
+    assert "Qwen/Qwen2.5-1.5B-Instruct" in lines[1] and "model=qwen0.5" in lines[1]
+    assert lines[2] == "lac: 4 of 4 jobs cannot run; no job was started"
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
 
 
