@@ -823,6 +823,8 @@ def test_a_finished_job_leaves_no_process_behind(tmp_path, where, leave):
 def test_the_patched_steps_bar_counts_cells_from_its_first_line(capfd):
     """LAC_PROGRESS=1: Lightning's predict bar shows lac's description and counts cells (12 here, in
     batches of 5) from its first line, with no `Predicting: 0/?` or per-dataloader batch bar first."""
+    import warnings
+
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -833,7 +835,9 @@ def test_the_patched_steps_bar_counts_cells_from_its_first_line(capfd):
     bar = tracking.progress_callback(12, enabled=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, callbacks=[bar])
-    trainer.predict(Cells(), DataLoader(list(range(12)), batch_size=5, collate_fn=list), return_predictions=False)
+    with warnings.catch_warnings():  # Lightning's own deprecation warnings, quiet as in a job
+        tracking.quiet_job_warnings()
+        trainer.predict(Cells(), DataLoader(list(range(12)), batch_size=5, collate_fn=list), return_predictions=False)
     shown = [s.strip() for s in capfd.readouterr().out.replace("\r", "\n").splitlines() if s.strip()]
     assert shown and all(s.startswith("lac: cells captured and patched:") for s in shown), shown
     assert "12/12" in shown[-1] and "cell/s" in shown[-1] and "rows=36" in shown[-1]
