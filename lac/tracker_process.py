@@ -33,7 +33,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from lac import tracking
 from lac.tracking import Tracker, TrackerError
@@ -136,7 +136,7 @@ class RemoteTracker(Tracker):
         except OSError:  # BrokenPipeError: the child is gone (killed, out of memory)
             self._gone()
 
-    def _gone(self) -> None:
+    def _gone(self) -> NoReturn:
         """The child is gone: nothing left to finish (its run lacks its exit record, and the job's
         store does not mark it logged, so the next run of the job logs it)."""
         code = self._proc.wait()
