@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,16 @@ from lac.config import ConfigError
 from lac.grid import Grid
 
 
+def _as_overrides(overrides: tuple[Any, ...]) -> tuple[str, ...]:
+    """Overrides as the command line has them; a list of them (`api.job(["layer=10", "site=g1"])`) too."""
+    flat = [o for item in overrides for o in (item if isinstance(item, (list, tuple)) else [item])]
+    for o in flat:
+        if not isinstance(o, str):
+            raise ConfigError(f"override {o!r} ({type(o).__name__}): overrides are strings as on the command "
+                              "line, e.g. api.job('layer=10', 'site=g1')")
+    return tuple(flat)
+
+
 def compose(*overrides: str) -> DictConfig:
     """The job config `python -m lac.run <overrides>` would run (conf/ of this checkout or wheel)."""
     from hydra import compose as hydra_compose
@@ -39,6 +50,7 @@ def compose(*overrides: str) -> DictConfig:
 
     from lac.paths import conf_dir
 
+    overrides = _as_overrides(overrides)
     with _config_errors(overrides), initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
 
@@ -110,9 +122,10 @@ class SweepFailed(RuntimeError):
 def job(*overrides: str, job_dir: str | Path | None = None) -> JobResult:
     """Run (or resume, or reuse) one job, as `python -m lac.run <overrides>` would. `job_dir`: where
     its files are copied and its W&B run writes; default outputs/DATE/TIME-N under the current folder."""
+    overrides = _as_overrides(overrides)
     cfg = compose(*overrides)
     out = Path(job_dir) if job_dir is not None else _new_job_dir()  # made by the job (bad input: none)
-    return _run(cfg, out, tuple(overrides))
+    return _run(cfg, out, overrides)
 
 
 def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
@@ -128,6 +141,7 @@ def compose_sweep(*overrides: str) -> list[tuple[tuple[str, ...], DictConfig]]:
     from lac.multirun import job_overrides
     from lac.paths import conf_dir
 
+    overrides = _as_overrides(overrides)
     jobs = []
     with _config_errors(overrides), initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         hydra = GlobalHydra.instance()
@@ -257,6 +271,8 @@ class Captured:
         if site not in SITES:
             raise ConfigError(f"site {site!r}; allowed: {', '.join(SITES)}")
         depth = self.capture.depth(role)
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise ConfigError(f"layer={layer!r}: an int in 0..{depth - 1} (the captured block inputs)")
         if not 0 <= layer < depth:
             raise ConfigError(f"layer {layer} was not captured for {role}: layers 0..{depth - 1} were "
                               "(capture deeper with a larger layer=, or geometry_layers=all)")

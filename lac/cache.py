@@ -70,6 +70,8 @@ def capture_key(lm: LoadedModel, grid: Grid) -> str:
         "version": CAPTURE_VERSION,
         "numerics": NUMERICS_VERSION,
     }
+    if lm.files:  # a local folder: its files, not its path (keys of hub and embedded models unchanged)
+        ident["model_id"] = ident["name_or_path"] = lm.files
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -83,8 +85,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 
 class ActivationCache:
     def __init__(self, lm: LoadedModel, grid: Grid, *, disk: bool = True, memory_cells: int = 256,
-                 traces: bool = False):
+                 traces: bool = False, shared: bool = True):
+        """`shared=False` (engine.activation_cache=false): this job's captures stay its own, in memory
+        too, so none comes from an earlier job of the process (a notebook's, a multirun's)."""
         self.key = capture_key(lm, grid)
+        self.memory: OrderedDict[tuple[str, str], CellCapture] = _MEMORY if shared else OrderedDict()
         self.dir = cache_root() / self.key if disk else None
         if self.dir is not None:
             remove_stale_tmp(self.dir)
@@ -101,9 +106,9 @@ class ActivationCache:
     def get(self, cells: list[Cell], book: PromptBook) -> dict[str, CellCapture]:
         found = {}
         for c in cells:
-            cap = _MEMORY.get((self.key, c.key))
+            cap = self.memory.get((self.key, c.key))
             if cap is not None:
-                _MEMORY.move_to_end((self.key, c.key))
+                self.memory.move_to_end((self.key, c.key))
                 self.hits["memory"] += 1
             elif self.dir is not None and self._path(c).is_file():
                 cap = self._load(c, book)
@@ -122,8 +127,8 @@ class ActivationCache:
 
     def put(self, caps: list[CellCapture], changed: set[str]) -> None:
         for cap in caps:
-            _MEMORY[(self.key, cap.cell.key)] = cap
-            _MEMORY.move_to_end((self.key, cap.cell.key))
+            self.memory[(self.key, cap.cell.key)] = cap
+            self.memory.move_to_end((self.key, cap.cell.key))
             if self.dir is not None and cap.cell.key in changed:
                 try:
                     self._save(cap)
@@ -131,8 +136,8 @@ class ActivationCache:
                     log.warning("activation cache: cannot write to %s (%s); this job continues without "
                                 "the on-disk cache", self.dir, e.strerror or e)
                     self.dir = None
-        while len(_MEMORY) > self.memory_cells:
-            _MEMORY.popitem(last=False)
+        while len(self.memory) > self.memory_cells:
+            self.memory.popitem(last=False)
 
     def _save(self, cap: CellCapture) -> None:
         tensors = {"ref": torch.tensor(cap.ref, dtype=torch.int64)}

@@ -86,6 +86,8 @@ def n_layers_of(model_cfg: DictConfig) -> int:
     if model_cfg.get("n_layers"):
         return int(model_cfg.n_layers)
     found = local_config(model_cfg)
+    if not found:
+        check_model_available(model_cfg)  # a missing folder or a hub id neither cached nor reachable, by name
     if not found or "num_hidden_layers" not in found:
         raise ConfigError(f"model {model_cfg.get('name')!r}: no n_layers in its config and no readable config.json "
                           f"for {model_cfg.get('id')!r}; add n_layers: N to the model config")
@@ -101,12 +103,18 @@ def _layer_list(value: Any, model_cfg: DictConfig, what: str, also: tuple[str, .
         if not start.lstrip("-").isdigit() or not 0 <= int(start) < n:
             raise ConfigError(f"{what}={value!r}: 'from:L' needs an integer L in 0..{n - 1} ({model_cfg.name} has {n} layers)")
         return list(range(int(start), n))
+    if value is None:
+        n = n_layers_of(model_cfg)
+        raise ConfigError(f"{what} is not set and {model_cfg.name} has no default_layer; give {what}=N "
+                          f"(0..{n - 1}), a list [a,b], or from:L")
     if isinstance(value, str):
         named = {"paper": model_cfg.get("paper_layers"), "long": model_cfg.get("long_layers"),
                  **dict(model_cfg.get("layer_sets") or {})}
         if named.get(value) is None:
-            raise ConfigError(f"{what}={value!r}: not a layer list; allowed names for {model_cfg.name}: "
-                              f"{', '.join([*also, *(k for k, v in named.items() if v is not None)])}, or ints")
+            names = [*also, *(k for k, v in named.items() if v is not None)]
+            allowed = (f"allowed names for {model_cfg.name}: {', '.join(names)}, or ints" if names else
+                       f"{model_cfg.name} names no layer lists (paper_layers, long_layers, layer_sets): give ints")
+            raise ConfigError(f"{what}={value!r}: not a layer list; {allowed}")
         value = named[value]
     if isinstance(value, (ListConfig, list, tuple)):
         out = list(value)
@@ -170,12 +178,28 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
         raise ConfigError(str(e)) from None
 
 
+# keys every model config has (null allowed where noted in conf/model/local.yaml)
+MODEL_KEYS = ("name", "source", "id", "dtype", "device", "attn_implementation", "n_layers", "default_layer")
+
+
+def _check_model_keys(m: DictConfig) -> None:
+    """A model config of one's own names every key at once, not one OmegaConf traceback per key."""
+    lacking = [k for k in MODEL_KEYS if k not in m.keys()]  # `in m` is False for a ??? value too
+    if lacking:
+        raise ConfigError(f"model config {m.get('name', '?')!r} lacks {', '.join(lacking)}; a model config needs "
+                          f"{', '.join(MODEL_KEYS)} (null for n_layers: read from config.json; conf/model/local.yaml "
+                          "is the template)")
+    if OmegaConf.is_missing(m, "id"):
+        raise ConfigError(f"model={m.name} needs model.id=/path/to/hf_folder (or a hub id org/name)")
+
+
 def build_spec(cfg: DictConfig) -> Spec:
     """Validate the composed config; raises ConfigError (or GridError) before any heavy work."""
     mode = cfg.get("mode", "kl")
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
     m = cfg.model
+    _check_model_keys(m)
     if m.get("source") not in ("hub", "embedded"):
         raise ConfigError(f"model.source={m.get('source')!r}; allowed: hub, embedded")
     if m.source == "embedded":
@@ -183,6 +207,10 @@ def build_spec(cfg: DictConfig) -> Spec:
 
         if m.get("embedded") not in EMBEDDED:
             raise ConfigError(f"model.embedded={m.get('embedded')!r}; allowed: {', '.join(EMBEDDED)}")
+        if not str(m.id).startswith("embedded/"):  # the embedded GGUF loads whatever id says
+            raise ConfigError(f"model.id={m.id!r} is not what {m.name} loads: model.source=embedded runs its own "
+                              f"GGUF ({m.embedded}); to run a folder or hub id: model=local model.id={m.id} "
+                              "(README: Your own model)")
     kernels.resolve(m.get("linear", "auto"), resolve_dtype(m.dtype), resolve_device(m.device))
     for name in ("batch_cells", "capture_cells", "max_rows"):
         value = cfg.get("engine", {}).get(name, 1)
@@ -296,8 +324,7 @@ def check_results_root(root: Any) -> Path:
             base = next(p for p in path.absolute().parents if p.exists())  # the folder it would be made in
             if not base.is_dir():
                 raise NotADirectoryError(f"{base} is a file")
-            if not os.access(base, os.W_OK | os.X_OK):
-                raise PermissionError(f"cannot make folders in {base}")
+            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".write-check-"))  # root passes os.access; /proc does not
     except OSError as e:
         raise ConfigError(f"results_root={str(root)!r} is not writable ({e.strerror or e}); give a folder you can write") from None
     return path
@@ -327,12 +354,21 @@ _NOT_CONTENT = ("hydra", "tracker", "results_root", "sweep_name", "engine", "rer
 
 def job_key(cfg: DictConfig) -> str:
     """Content key of a job: the resolved config minus launcher/output/tracking settings, plus the
-    numerics version (a change to lac that alters numbers must not return stale results)."""
+    numerics version (a change to lac that alters numbers must not return stale results), with a
+    grid file and a model folder named by their contents, not their paths (lac.fingerprint)."""
+    from lac.fingerprint import grid_file, model_files
+
     data = OmegaConf.to_container(cfg, resolve=True)
     for k in _NOT_CONTENT:
         data.pop(k, None)
     data["numerics"] = NUMERICS_VERSION
-    data.get("model", {}).pop("device", None)
+    model = data.get("model", {})
+    model.pop("device", None)
+    if files := model_files(cfg.model):
+        model["id"] = files
+    grid = data.get("grid", {})
+    if grid.get("path") not in (None, "", "???"):
+        grid["path"] = grid_file(grid["path"])
     iv = data.get("intervention", {})
     if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes

@@ -271,32 +271,45 @@ def embedded_path(key: str, verify: str | None = None) -> Path:
     if _problem(final, spec, sha, full) is None:
         return final
 
-    models.mkdir(parents=True, exist_ok=True)
-    with locked(models / f".{final.name}.lock", what=f"converting {spec.hf_name}"):
-        problem = _problem(final, spec, sha, full)  # another process may have rebuilt it
-        if problem is None:
-            return final
-        rebuild = final.exists()
-        if rebuild:
-            log.warning("cache folder %s failed verification: %s; re-converting it", final, problem)
-        try:
-            parts = parts or locate_parts(spec)
-            for stale in [final, *models.glob(f".tmp-{final.name}-*")]:
-                if stale.exists():
-                    log.warning(
-                        "removing %s cache folder %s", "bad" if rebuild else "incomplete", stale
-                    )
-                    shutil.rmtree(stale, ignore_errors=True)
-            _build(spec, parts, sha, final)
-        except Exception as err:
-            if not rebuild:
-                raise
-            raise EmbeddedModelError(
-                f"{spec.hf_name}: cache folder {final} failed verification ({problem}) and "
-                f"re-converting it failed: {type(err).__name__}: {err}. "
-                f"Fix that, then delete {final} (and any {models}/.tmp-{final.name}-*) "
-                f"and run again"
-            ) from err
+    try:
+        models.mkdir(parents=True, exist_ok=True)
+        with locked(models / f".{final.name}.lock", what=f"converting {spec.hf_name}"):
+            return _convert_locked(spec, final, sha, full, parts)
+    except OSError as err:  # a file in the way, a read-only or full cache: say where, not a traceback
+        raise EmbeddedModelError(
+            f"{spec.hf_name}: cannot convert it into {models} ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}); the first run writes the converted model there: "
+            "set LAC_CACHE_DIR to a writable folder with room"
+        ) from err
+
+
+def _convert_locked(spec: EmbeddedSpec, final: Path, sha: str, full: bool, parts: list[Part] | None) -> Path:
+    """Under the conversion lock: verify again, else (re)build `final`."""
+    models = final.parent
+    problem = _problem(final, spec, sha, full)  # another process may have rebuilt it
+    if problem is None:
+        return final
+    rebuild = final.exists()
+    if rebuild:
+        log.warning("cache folder %s failed verification: %s; re-converting it", final, problem)
+    try:
+        parts = parts or locate_parts(spec)
+        for stale in [final, *models.glob(f".tmp-{final.name}-*")]:
+            if stale.exists():
+                log.warning(
+                    "removing %s cache folder %s", "bad" if rebuild else "incomplete", stale
+                )
+                shutil.rmtree(stale, ignore_errors=True)
+        _build(spec, parts, sha, final)
+    except Exception as err:
+        if not rebuild:
+            raise
+        raise EmbeddedModelError(
+            f"{spec.hf_name}: cache folder {final} failed verification ({problem}) and "
+            f"re-converting it failed: {type(err).__name__}: {err}. "
+            f"Fix that, then delete {final} (and any {models}/.tmp-{final.name}-*) "
+            f"and run again"
+        ) from err
     return final
 
 

@@ -233,6 +233,11 @@ def _text_map(data: Any, what: str, where: str) -> dict[str, str]:
         if "__" in str(k):
             raise GridError(f"{where}: key {k!r} may not contain '__' (cell keys are persona__task)")
         out[str(k)] = v.strip()
+    seen: dict[str, str] = {}
+    for k, v in out.items():
+        if v in seen:  # a copy-paste slip: one level counted twice in every median
+            raise GridError(f"{where}: {what} {seen[v]!r} and {k!r} have the same text {v!r}; each must differ")
+        seen[v] = k
     return out
 
 

@@ -34,6 +34,7 @@ class LoadedModel:
     device: torch.device
     linear: str = "torch"  # the Linears' kernel on the CPU: "torch" (HF's own) or "onednn" (lac.kernels)
     head_out: torch.Tensor | None = field(default=None, repr=False)  # reused logits buffer (`scratch_logits`)
+    files: str | None = None  # a local folder's content digest (lac.fingerprint): keys never trust its path
 
     @property
     def n_layers(self) -> int:
@@ -186,7 +187,9 @@ def load_model(cfg, tokenizer=None) -> LoadedModel:
     linear = kernels.resolve(cfg.get("linear", "auto"), dtype, device)
     if linear == "onednn":
         kernels.use_onednn(model)
-    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device, linear=linear)
+    from lac.fingerprint import model_files
+
+    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device, linear=linear, files=model_files(cfg))
     memo = _head_memo(lm)
     if not memo.is_file():  # two full forwards (0.7-1.6 s on CPU for 0.5B): once per model config and version
         from lac.io import atomic_write_bytes
@@ -228,6 +231,8 @@ def local_config(cfg) -> dict | None:
         path = found[-1] if found else None
     elif Path(str(cfg.id)).expanduser().is_dir():
         path = Path(str(cfg.id)).expanduser() / "config.json"
+    elif not _HUB_ID.fullmatch(str(cfg.id)):  # no such folder, and no hub id either
+        return None
     else:
         from huggingface_hub import try_to_load_from_cache
 

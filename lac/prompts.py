@@ -123,6 +123,10 @@ def fill(template: Messages, values: dict[str, str]) -> tuple[Messages, Slots]:
 
 def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, generation: bool) -> str:
     chat = [{"role": r, "content": c} for r, c in messages]
+    if not getattr(tokenizer, "chat_template", None):
+        raise PromptError(f"tokenizer {_tok_name(tokenizer)} has no chat template; lac renders every prompt in "
+                          "the model's chat template: give an instruction-tuned model's folder, or set "
+                          "tokenizer.chat_template and save it there (chat_template.jinja)")
     try:
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
     except Exception as e:  # jinja's raise_exception: e.g. Gemma-2's "System role not supported"

@@ -48,7 +48,11 @@ _STARTED_UP = False  # the process's start-up was noted (by its first job)
 
 
 def _model_key(mcfg: DictConfig) -> str:
-    return json.dumps(OmegaConf.to_container(mcfg, resolve=True), sort_keys=True)
+    """The loaded model a config means: its settings, and a local folder's files (saved again since:
+    loaded again)."""
+    from lac.fingerprint import model_files
+
+    return json.dumps([OmegaConf.to_container(mcfg, resolve=True), model_files(mcfg)], sort_keys=True)
 
 
 def get_model(mcfg: DictConfig, tokenizer=None) -> LoadedModel:
@@ -169,7 +173,8 @@ def activation_cache(cfg: DictConfig, lm: LoadedModel, spec: Spec) -> Activation
     """The job's activation cache; `engine.cache_traces=auto` keeps traces on disk where the model runs
     on the CPU (12 cells: ~40 MB read in milliseconds, where rebuilding them took ~4 s of forwards)."""
     traces = cfg.engine.get("cache_traces", "auto")
-    return ActivationCache(lm, spec.grid, disk=bool(cfg.engine.activation_cache),
+    on = bool(cfg.engine.activation_cache)
+    return ActivationCache(lm, spec.grid, disk=on, shared=on,
                            traces=lm.device.type == "cpu" if traces == "auto" else bool(traces))
 
 

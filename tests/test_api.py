@@ -45,7 +45,7 @@ def test_bad_input_raises_before_any_folder_or_model(tmp_path, monkeypatch):
     for overrides, match in bad.items():
         with pytest.raises(ConfigError, match=match):
             api.job(*overrides)
-    with pytest.raises(ConfigError, match=r"^unknown model 'qwen05'; allowed: gemma2, qwen0.5, qwen1.5, qwen3, smollm2$"):
+    with pytest.raises(ConfigError, match=r"^unknown model 'qwen05'; allowed: gemma2, local, qwen0.5, qwen1.5, qwen3, smollm2$"):
         api.sweep("model=qwen0.5,qwen05", "tracker=none")
     with pytest.raises(ConfigError, match=r"^no key 'sitee' in this job's config; its top level has: attn_persona, "):
         api.compose_sweep("sitee=4,5")
@@ -158,6 +158,8 @@ def test_job_and_captures_equal_the_plain_implementation(qwen, tmp_path, monkeyp
     assert torch.equal(c.delta("persona", "p_last", 10), c.delta_x("p_last", 10))
     with pytest.raises(ConfigError, match="layer 24 was not captured"):
         c.h_bb("p_last", 24)
+    with pytest.raises(ConfigError, match=r"layer='ten': an int in 0..23"):
+        c.delta_x("p_last", "ten")
 
     monkeypatch.chdir(tmp_path)  # the same job again, default folder: reused, not recomputed
     again = api.job(*common, "site=p_last", "site.sites=[p_last,g2]", "layer=10")

@@ -93,6 +93,17 @@ def test_jobs_in_one_process_share_captures_in_memory(qwen):
     assert warm["block_tokens"] < 0.2 * cold["block_tokens"]
 
 
+def test_a_cache_switched_off_reads_nothing_an_earlier_job_left_in_memory(qwen):
+    """engine.activation_cache=false (shared=False) recomputes, also in a notebook or a multirun."""
+    spec = build_spec(compose(["tracker=none"]))
+    _job(qwen, 3, ActivationCache(qwen, spec.grid, disk=False))
+    off = ActivationCache(qwen, spec.grid, disk=False, shared=False)
+    _, cold, _ = _job(qwen, 3, off)
+    assert off.hits["memory"] == 0 and off.hits["miss"] == 2 and cold["forwards"] > 1
+    _, warm, _ = _job(qwen, 3, off)  # within its own job the captures are kept, as before
+    assert off.hits["memory"] == 2 and warm["forwards"] == 1
+
+
 def test_corrupt_or_truncated_entry_is_reported_and_recomputed(qwen, caplog):
     spec = build_spec(compose(["tracker=none"]))
     c1 = ActivationCache(qwen, spec.grid, traces=True)

@@ -105,6 +105,8 @@ def test_custom_grid_loads(tmp_path):
     (GOOD.replace("Write a poem.", '"  "'), "task 'poem' is empty"),
     (GOOD + "tasks: {other: x}\n", "duplicate key 'tasks'"),
     (GOOD.replace("{pirate: a pirate}", "{pirate: a pirate, pirate: a parrot}"), "duplicate key 'pirate'"),
+    (GOOD.replace("{pirate: a pirate}", "{pirate: a pirate, corsair: ' a pirate'}"),
+     "personas 'pirate' and 'corsair' have the same text 'a pirate'; each must differ"),
     ("- just\n- a list\n", "must be a mapping"),
     (GOOD.replace("personas:", "persona:"), r"unknown keys \['persona'\]; allowed: .*personas"),  # not "personas missing"
 ])
@@ -214,8 +216,13 @@ def test_results_root_checked(tmp_path, monkeypatch):
     import lac.config
 
     calls = []
-    monkeypatch.setattr(lac.config.os, "access", lambda p, mode: calls.append(Path(p)) or False)  # as a read-only tmp
-    with pytest.raises(ConfigError, match=r"is not writable \(cannot make folders in /.*\)"):
+
+    def refuse(dir, prefix):  # as a read-only tmp (root passes os.access, so lac probes with a folder)
+        calls.append(Path(dir))
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lac.config.tempfile, "mkdtemp", refuse)
+    with pytest.raises(ConfigError, match=r"is not writable \(Permission denied\)"):
         check_results_root(str(tmp_path / "new" / "a" / "b"))
     assert calls == [tmp_path.absolute()]  # the nearest folder that exists: where it would be made
 

@@ -1,0 +1,183 @@
+"""A researcher's own model folder and grid file: keyed by their contents, refused clearly when wrong.
+
+The job key and the activation-cache key once covered only the path strings: an edited grid file,
+or weights re-saved into the same folder, gave back the old numbers (and the cache mixed old
+captures with new patched steps)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lac import api
+from lac.config import ConfigError, build_spec, job_key, preflight
+from lac.errors import LacError
+from tests.conftest import compose
+
+GRID = """baseline: {persona: a thoughtful person, task: Give advice to someone facing a difficult decision.}
+personas: {monk: a Zen monk, pirate: a pirate captain}
+tasks: {haiku: Write a haiku about Monday mornings., policy: Comment on universal basic income.}
+"""
+
+
+def _save_model(folder: Path, tok, seed: int) -> None:
+    """A tiny random Qwen2 with the embedded Qwen's tokenizer and chat template, as save_pretrained writes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from lac.embedded import embedded_path
+
+    return AutoTokenizer.from_pretrained(embedded_path("qwen0.5"))
+
+
+def _local(folder: Path, root: Path, *more: str) -> list[str]:
+    return ["model=local", f"model.id={folder}", "layer=1", "site=p_last", "tracker=none",
+            f"results_root={root}", *more]
+
+
+def _kl(rows) -> list[float]:
+    return rows[rows.metric == "kl"].sort_values(["cell", "site", "layer"]).value.tolist()
+
+
+@pytest.mark.slow
+def test_weights_saved_again_into_a_folder_are_a_new_job_and_new_captures(tok, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LAC_CACHE_DIR", str(tmp_path / "cache"))
+    folder, root = tmp_path / "mymodel", tmp_path / "results"
+    _save_model(folder, tok, seed=0)
+    first = api.job(*_local(folder, root), job_dir=tmp_path / "j0")
+    assert first.rows.model.unique().tolist() == ["local"] and first.rows.model_id.unique().tolist() == [str(folder)]
+
+    shutil.copytree(folder, tmp_path / "copy")  # the same files elsewhere: the same job, reused
+    copied = api.job(*_local(tmp_path / "copy", root), job_dir=tmp_path / "j1")
+    assert copied.summary["key"] == first.summary["key"]
+
+    _save_model(folder, tok, seed=1)  # other weights, same path
+    second = api.job(*_local(folder, root), job_dir=tmp_path / "j2")
+    assert second.summary["key"] != first.summary["key"]
+    # the truth for the new weights: a fresh job store and no activation cache at all
+    truth = api.job(*_local(folder, tmp_path / "fresh", "engine.activation_cache=false"), job_dir=tmp_path / "j3")
+    assert truth.summary["key"] == second.summary["key"]
+    assert _kl(second.rows) == _kl(truth.rows)
+    geo = second.rows[second.rows.metric != "kl"].value.tolist()
+    assert geo == truth.rows[truth.rows.metric != "kl"].value.tolist()
+    assert _kl(second.rows) != _kl(first.rows)  # the seed really changed what the job computes
+
+
+def test_an_edited_grid_file_is_a_new_job(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID)
+    key = job_key(compose(["grid=custom", f"grid.path={path}", "tracker=none"]))
+    path.write_text("# a comment and other spacing change nothing\n" + GRID.replace(": {", ":  {"))
+    assert job_key(compose(["grid=custom", f"grid.path={path}", "tracker=none"])) == key
+    elsewhere = tmp_path / "sub" / "grid.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(GRID)
+    assert job_key(compose(["grid=custom", f"grid.path={elsewhere}", "tracker=none"])) == key
+    path.write_text(GRID.replace("a Zen monk", "a Tibetan monk"))
+    assert job_key(compose(["grid=custom", f"grid.path={path}", "tracker=none"])) != key
+
+
+def test_an_edited_model_folder_is_a_new_job_key(tmp_path, monkeypatch):
+    """Keyed by file contents: a byte changed anywhere is a new key, a copy is the same key, and an
+    unchanged folder is not read again (its digests are remembered with each file's stat)."""
+    import lac.fingerprint as fp
+
+    monkeypatch.setenv("LAC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_hidden_layers": 24}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    args = ["model=local", f"model.id={folder}", "layer=3", "tracker=none"]
+    key = job_key(compose(args))
+    assert job_key(compose([*args[:1], f"model.id={folder}/", *args[2:]])) == key
+    shutil.copytree(folder, tmp_path / "copy")
+    assert job_key(compose([args[0], f"model.id={tmp_path / 'copy'}", *args[2:]])) == key
+
+    hashed = []
+    monkeypatch.setattr(fp, "sha256_file", lambda p, real=fp.sha256_file: (hashed.append(Path(p).name), real(p))[1])
+    fp._SEEN.clear()
+    assert job_key(compose(args)) == key and hashed == []  # from the memo in the cache: nothing read
+    (folder / "model.safetensors").write_bytes(b"\0" * 999 + b"\1")
+    assert job_key(compose(args)) != key
+    assert hashed == ["model.safetensors"]  # only the changed file was read again
+
+
+def test_own_model_mistakes_are_one_clear_line(tmp_path, monkeypatch):
+    from omegaconf import open_dict
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model.id='/tmp/x' is not what qwen0.5 loads: .*model=local model.id=/tmp/x"):
+        build_spec(compose(["model.id=/tmp/x", "tracker=none"]))
+    with pytest.raises(ConfigError, match=r"model=local needs model.id=/path/to/hf_folder"):
+        build_spec(compose(["model=local", "tracker=none"]))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"num_hidden_layers": 3}')
+    with pytest.raises(ConfigError, match=r"layer is not set and local has no default_layer; give layer=N \(0..2\)"):
+        build_spec(compose(["model=local", f"model.id={folder}", "tracker=none"]))
+    with pytest.raises(ConfigError, match=r"layer='paper': not a layer list; local names no layer lists"):
+        build_spec(compose(["model=local", f"model.id={folder}", "layer=paper", "tracker=none"]))
+    assert build_spec(compose(["model=local", f"model.id={folder}", "layer=2", "tracker=none"])).n_layers == 3
+    # a folder that does not exist, with n_layers read from it: the id is named, not a hub-library traceback
+    with pytest.raises(LacError, match=r"model.id='/no/such/folder' is neither an existing folder nor a hub id"):
+        build_spec(compose(["model=local", "model.id=/no/such/folder", "layer=1", "tracker=none"]))
+    # a model config of one's own that lacks keys: all of them in one line
+    cfg = compose(["model=local", f"model.id={folder}", "layer=1", "tracker=none"])
+    with open_dict(cfg):
+        del cfg.model["dtype"], cfg.model["device"]
+    with pytest.raises(ConfigError, match=r"model config 'local' lacks dtype, device; a model config needs name, source"):
+        build_spec(cfg)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_results_root_where_no_folder_can_be_made(tmp_path):
+    with pytest.raises(ConfigError, match=r"results_root='/proc/lac-results' is not writable \(No such file"):
+        preflight(compose(["tracker=none", "results_root=/proc/lac-results"]))
+    assert not Path("/proc/lac-results").exists()
+    assert preflight(compose(["tracker=none", f"results_root={tmp_path}/new/results"])) is not None
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []  # the probe leaves nothing
+
+
+def test_a_file_as_lac_cache_dir_names_it(tmp_path, monkeypatch):
+    from lac.embedded import EmbeddedModelError, embedded_path
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LAC_CACHE_DIR", str(tmp_path / "afile"))
+    with pytest.raises(EmbeddedModelError, match=r"cannot convert it into .*afile/models \(Not a directory.*set LAC_CACHE_DIR"):
+        embedded_path("qwen0.5")
+
+
+def test_api_overrides_as_a_list_or_a_bad_type():
+    assert compose(["layer=11", "site=g1"]) == api.compose("layer=11", "site=g1")
+    assert api.compose(["layer=11", "site=g1"]) == api.compose("layer=11", "site=g1")
+    with pytest.raises(ConfigError, match=r"override 10 \(int\): overrides are strings"):
+        api.job(10)
+    with pytest.raises(ConfigError, match=r"override None \(NoneType\)"):
+        api.compose_sweep("layer=1,2", None)
+
+
+def test_a_tokenizer_without_a_chat_template_is_named(tok):
+    import copy
+
+    from lac.prompts import PromptBook, PromptError
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    grid = build_spec(compose(["tracker=none"])).grid
+    with pytest.raises(PromptError, match=r"has no chat template; lac renders every prompt in the model's chat template"):
+        PromptBook(bare, grid).get(grid.cells()[0], grid.full)
