@@ -70,8 +70,10 @@ def capture_key(lm: LoadedModel, grid: Grid) -> str:
         "version": CAPTURE_VERSION,
         "numerics": NUMERICS_VERSION,
     }
-    if lm.files:  # a local folder: its files, not its path (keys of hub and embedded models unchanged)
+    if lm.files and lm.files.startswith("folder:"):  # a local folder: its files, not its path
         ident["model_id"] = ident["name_or_path"] = lm.files
+    elif lm.files:  # a hub id at its commit
+        ident["commit"] = lm.files
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -364,8 +364,8 @@ def job_key(cfg: DictConfig) -> str:
     data["numerics"] = NUMERICS_VERSION
     model = data.get("model", {})
     model.pop("device", None)
-    if files := model_files(cfg.model):
-        model["id"] = files
+    if files := model_files(cfg.model):  # a folder by its files (not its path), a hub id with its commit
+        model["id" if files.startswith("folder:") else "commit"] = files
     grid = data.get("grid", {})
     if grid.get("path") not in (None, "", "???"):
         grid["path"] = grid_file(grid["path"])

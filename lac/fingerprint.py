@@ -3,7 +3,7 @@
 A config names a custom grid and a model folder by path; the same path can hold other text or
 other weights tomorrow (an edited grid, `save_pretrained` into the same folder), and the same
 content can sit at two paths. Job keys and activation-cache keys therefore use these content
-digests, never the path. A model folder is hashed file by file with SHA-256; each file's digest
+digests, never the path; a hub id is keyed by the commit it resolves to, and loads at that commit. A model folder is hashed file by file with SHA-256; each file's digest
 is remembered with its (size, mtime, ctime, inode) under ``$LAC_CACHE_DIR/fingerprints/``, so only
 a file that changed is read again (2.5 GB: 2-4 s once).
 """
@@ -21,6 +21,7 @@ from typing import Any
 from lac.io import atomic_write_json, sha256_file
 
 log = logging.getLogger("lac.fingerprint")
+_ASKED: dict[str, str | None] = {}  # the hub's answer for ids not in the local cache yet
 _SEEN: dict[Path, tuple[list, str]] = {}  # this process's digests, also where the memo cannot be written
 
 
@@ -77,13 +78,46 @@ def folder_digest(folder: str | Path) -> str:
     return digest
 
 
+def hub_commit(model_id: str) -> str | None:
+    """The commit a hub id means now: the local Hugging Face cache's `main`, else the hub's (one
+    request; lac's preflight has refused an uncached id the hub cannot serve); None if neither says."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # not a hub id at all: preflight names it
+        return None
+    if isinstance(hit, str):
+        return Path(hit).parent.name  # .../snapshots/<commit>/config.json
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    if model_id not in _ASKED:  # once a process: a job keys, checks and loads the model
+        try:
+            from huggingface_hub import HfApi
+
+            _ASKED[model_id] = HfApi().model_info(model_id, timeout=10).sha
+        except Exception as e:  # gated without a token, or the hub went away: keyed by the id alone
+            log.info("cannot ask the hub which commit %s is (%s); its jobs are keyed by the id alone", model_id, e)
+            _ASKED[model_id] = None
+    return _ASKED[model_id]
+
+
+def revision(files: str | None) -> str | None:
+    """The commit to load a hub model at (None: a folder, an embedded model, or an unknown commit)."""
+    return files[4:] if files and files.startswith("hub:") else None
+
+
 def model_files(model_cfg: Any) -> str | None:
-    """`folder:<digest>` for a model loaded from a local folder; None for hub ids and embedded models
-    (an embedded model's id carries its GGUF's SHA-256, and its folder is verified at every load)."""
+    """What a model config loads, beyond its id: `folder:<digest>` for a local folder, `hub:<commit>` for a
+    hub id (the model then loads at that commit); None for embedded models (their id carries the
+    GGUF's SHA-256, and their folder is verified at every load)."""
     if model_cfg.get("source") != "hub":
         return None
     folder = local_folder(str(model_cfg.get("id")))
-    return f"folder:{folder_digest(folder)}" if folder is not None else None
+    if folder is not None:
+        return f"folder:{folder_digest(folder)}"
+    commit = hub_commit(str(model_cfg.get("id")))
+    return f"hub:{commit}" if commit else None
 
 
 def grid_file(path: str | Path) -> str:

@@ -34,7 +34,7 @@ class LoadedModel:
     device: torch.device
     linear: str = "torch"  # the Linears' kernel on the CPU: "torch" (HF's own) or "onednn" (lac.kernels)
     head_out: torch.Tensor | None = field(default=None, repr=False)  # reused logits buffer (`scratch_logits`)
-    files: str | None = None  # a local folder's content digest (lac.fingerprint): keys never trust its path
+    files: str | None = None  # a folder's content digest, a hub id's commit (lac.fingerprint): never a path
 
     @property
     def n_layers(self) -> int:
@@ -161,7 +161,10 @@ def load_tokenizer(cfg):
         from transformers import TokenizersBackend
 
         return TokenizersBackend.from_pretrained(src)
-    return AutoTokenizer.from_pretrained(src)
+    from lac.fingerprint import model_files, revision
+
+    commit = revision(model_files(cfg))  # the commit the job is keyed by
+    return AutoTokenizer.from_pretrained(src, **({"revision": commit} if commit else {}))
 
 
 def load_model(cfg, tokenizer=None) -> LoadedModel:
@@ -177,19 +180,21 @@ def load_model(cfg, tokenizer=None) -> LoadedModel:
             "override with model.dtype=float32 if you accept the numerical change",
             cfg.name, cfg.dtype,
         )
+    from lac.fingerprint import model_files, revision
+
     src = model_source(cfg)
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    files = model_files(cfg)
+    commit = revision(files)  # a hub model loads at the commit its job is keyed by
     model = AutoModelForCausalLM.from_pretrained(
-        src, dtype=dtype, attn_implementation=cfg.attn_implementation
+        src, dtype=dtype, attn_implementation=cfg.attn_implementation, **({"revision": commit} if commit else {})
     )
     model.to(device).eval()
     model.requires_grad_(False)
     linear = kernels.resolve(cfg.get("linear", "auto"), dtype, device)
     if linear == "onednn":
         kernels.use_onednn(model)
-    from lac.fingerprint import model_files
-
-    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device, linear=linear, files=model_files(cfg))
+    lm = LoadedModel(cfg.name, str(cfg.id), model, tok, dtype, device, linear=linear, files=files)
     memo = _head_memo(lm)
     if not memo.is_file():  # two full forwards (0.7-1.6 s on CPU for 0.5B): once per model config and version
         from lac.io import atomic_write_bytes

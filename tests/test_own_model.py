@@ -181,3 +181,44 @@ def test_a_tokenizer_without_a_chat_template_is_named(tok):
     grid = build_spec(compose(["tracker=none"])).grid
     with pytest.raises(PromptError, match=r"has no chat template; lac renders every prompt in the model's chat template"):
         PromptBook(bare, grid).get(grid.cells()[0], grid.full)
+
+
+def test_a_hub_id_is_keyed_and_loaded_at_the_commit_the_local_cache_holds(tok, tmp_path, monkeypatch):
+    """A hub id whose cached `main` moves to another commit is a new job, new captures and new weights."""
+    import huggingface_hub.constants
+
+    from lac.cache import capture_key
+    from lac.models import load_model
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = hub / "models--lac-test--tiny"
+    commits = {"a" * 40: 0, "b" * 40: 1}
+    for commit, seed in commits.items():
+        _save_model(repo / "snapshots" / commit, tok, seed=seed)
+    (repo / "refs").mkdir()
+    args = ["model=local", "model.id=lac-test/tiny", "layer=1", "tracker=none"]
+    keys, weights, captures = {}, {}, {}
+    for commit in commits:
+        (repo / "refs" / "main").write_text(commit)
+        cfg = compose(args)
+        keys[commit] = job_key(cfg)
+        lm = load_model(cfg.model)
+        assert lm.files == f"hub:{commit}"
+        weights[commit] = lm.model.model.layers[0].mlp.up_proj.weight.clone()
+        captures[commit] = capture_key(lm, build_spec(cfg).grid)
+    from safetensors.torch import load_file
+
+    for commit in commits:  # each load is the commit its key names
+        saved = load_file(repo / "snapshots" / commit / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(weights[commit], saved)
+    assert len(set(keys.values())) == 2 and len(set(captures.values())) == 2
+    # the load follows the commit lac resolved (the hub's answer when online), not whatever main is then
+    import lac.fingerprint as fp
+
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(fp, "hub_commit", lambda model_id: "a" * 40)
+    lm = load_model(compose(args).model)
+    assert lm.files == f"hub:{'a' * 40}" and torch.equal(lm.model.model.layers[0].mlp.up_proj.weight, weights["a" * 40])
