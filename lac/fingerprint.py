@@ -42,10 +42,10 @@ def _stat_key(st: os.stat_result) -> list[int]:
 
 
 def folder_digest(folder: str | Path) -> str:
-    """SHA-256 over every non-hidden file's relative name and SHA-256 (weights, config, tokenizer)."""
+    """SHA-256 over the name and SHA-256 of every non-hidden file at the folder's top (weights, config,
+    tokenizer: what from_pretrained reads; a trainer's checkpoint-N/ subfolders are not)."""
     folder = Path(folder).resolve()
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     stats = [(p.relative_to(folder).as_posix(), _stat_key(p.stat())) for p in files]
     if folder in _SEEN and _SEEN[folder][0] == stats:
         return _SEEN[folder][1]

@@ -107,6 +107,10 @@ def test_an_edited_model_folder_is_a_new_job_key(tmp_path, monkeypatch):
     assert job_key(compose([*args[:1], f"model.id={folder}/", *args[2:]])) == key
     shutil.copytree(folder, tmp_path / "copy")
     assert job_key(compose([args[0], f"model.id={tmp_path / 'copy'}", *args[2:]])) == key
+    (folder / "checkpoint-500").mkdir()  # what from_pretrained does not read does not count
+    (folder / "checkpoint-500" / "model.safetensors").write_bytes(b"\1" * 10)
+    (folder / ".cache").write_text("download metadata")
+    assert job_key(compose(args)) == key
 
     hashed = []
     monkeypatch.setattr(fp, "sha256_file", lambda p, real=fp.sha256_file: (hashed.append(Path(p).name), real(p))[1])
