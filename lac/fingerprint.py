@@ -3,9 +3,10 @@
 A config names a custom grid and a model folder by path; the same path can hold other text or
 other weights tomorrow (an edited grid, `save_pretrained` into the same folder), and the same
 content can sit at two paths. Job keys and activation-cache keys therefore use these content
-digests, never the path; a hub id is keyed by the commit it resolves to, and loads at that commit. A model folder is hashed file by file with SHA-256; each file's digest
-is remembered with its (size, mtime, ctime, inode) under ``$LAC_CACHE_DIR/fingerprints/``, so only
-a file that changed is read again (2.5 GB: 2-4 s once).
+digests, never the path; a hub id is keyed by the commit it resolves to, and loads at that commit.
+A model folder is hashed file by file with SHA-256; each file's digest is remembered with its
+(size, mtime, ctime, inode) under ``$LAC_CACHE_DIR/fingerprints/``, so only a file that changed is
+read again (2.5 GB: 2-4 s once).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def folder_digest(folder: str | Path) -> str:
     except (OSError, ValueError):
         memo = {}
     new: dict[str, Any] = {}
-    hashed, t0 = 0, time.perf_counter()
+    hashed: list[int] = []
+    t0 = time.perf_counter()
     for p, (rel, stat) in zip(files, stats, strict=True):
         seen = memo.get(rel)
         if isinstance(seen, dict) and seen.get("stat") == stat and isinstance(seen.get("sha256"), str):
@@ -64,9 +66,9 @@ def folder_digest(folder: str | Path) -> str:
         if not hashed:
             log.info("hashing the files of %s for the job key (once per change of a file)", folder)
         new[rel] = {"stat": stat, "sha256": sha256_file(p)}
-        hashed += stat[0]
+        hashed.append(stat[0])
     if hashed:
-        log.info("hashed %.2f GB in %.1f s", hashed / 1e9, time.perf_counter() - t0)
+        log.info("hashed %d file(s), %.2f GB, in %.1f s", len(hashed), sum(hashed) / 1e9, time.perf_counter() - t0)
     if new != memo:
         try:
             atomic_write_json(memo_file, new)
