@@ -124,7 +124,8 @@ def _layer_list(value: Any, model_cfg: DictConfig, what: str, also: tuple[str, .
         raise ConfigError(f"{what} is an empty list; give at least one layer, e.g. {what}=10")
     for v in out:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"{what}={value!r}: layers are ints (or 'paper' / 'long'), got {v!r}")
+            raise ConfigError(f"{what}={value!r}: layers are ints, or one name (paper, long, a model.layer_sets "
+                              f"key, from:L), got {v!r}")
     dup = sorted({v for v in out if out.count(v) > 1})
     if dup:
         raise ConfigError(f"{what}={out}: layer {dup[0]} is given twice; each layer at most once")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import lac
 from lac.cache import ActivationCache
@@ -609,6 +609,11 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
         note_phase("start-up", time.monotonic() - lac.STARTED)
         _STARTED_UP = True
     spec = preflight(cfg)  # every user error surfaces here, before any model loads
+    with open_dict(cfg):  # what the job read from files goes into its config (summary.json, W&B)
+        if cfg.model.get("n_layers") is None:  # model=local: from config.json, so reports line models up by depth
+            cfg.model.n_layers = spec.n_layers
+        if cfg.grid.get("name") is None:  # grid=custom: the file's stem, so two grid files are two grids
+            cfg.grid.name = spec.grid.name
     key = job_key(cfg)
     job_dir = Path(job_dir or ".")
     rerun = bool(cfg.get("rerun", False))

@@ -32,7 +32,7 @@ def test_bad_input_raises_before_any_folder_or_model(tmp_path, monkeypatch):
     loaded = dict(runner._MODEL)
     with pytest.raises(ConfigError, match=r"layer 99 is out of range for qwen0.5 \(24 layers\): allowed 0..23"):
         api.job("layer=99", "tracker=none")
-    with pytest.raises(ConfigError, match=r"cells \['yoda__haiku'\] are not in grid 'custom'; its cells: "
+    with pytest.raises(ConfigError, match=r"cells \['yoda__haiku'\] are not in grid 'grid'; its cells: "
                                           r"pirate__poem, yoda__poem"):
         api.captures(*_grid(tmp_path), cells=["yoda__haiku"])
     bad = {  # what Hydra cannot compose: one-line ConfigErrors (LacError), not Hydra's exceptions

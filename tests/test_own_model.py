@@ -45,8 +45,10 @@ def tok():
 
 
 def _local(folder: Path, root: Path, *more: str) -> list[str]:
-    return ["model=local", f"model.id={folder}", "layer=1", "site=p_last", "tracker=none",
-            f"results_root={root}", *more]
+    grid = root.parent / "mygrid.yaml"
+    grid.write_text(GRID)
+    return ["model=local", f"model.id={folder}", "layer=1", "site=p_last", "tracker=none", "grid=custom",
+            f"grid.path={grid}", f"results_root={root}", *more]
 
 
 def _kl(rows) -> list[float]:
@@ -61,6 +63,9 @@ def test_weights_saved_again_into_a_folder_are_a_new_job_and_new_captures(tok, t
     _save_model(folder, tok, seed=0)
     first = api.job(*_local(folder, root), job_dir=tmp_path / "j0")
     assert first.rows.model.unique().tolist() == ["local"] and first.rows.model_id.unique().tolist() == [str(folder)]
+    # what the job read from files is in its config: the depth (reports line models up by it) and the grid's name
+    assert first.summary["config"]["model"]["n_layers"] == 3 and first.summary["config"]["grid"]["name"] == "mygrid"
+    assert first.rows.grid.unique().tolist() == ["mygrid"] and first.rows.cell.nunique() == 4
 
     shutil.copytree(folder, tmp_path / "copy")  # the same files elsewhere: the same job, reused
     copied = api.job(*_local(tmp_path / "copy", root), job_dir=tmp_path / "j1")

@@ -569,7 +569,7 @@ def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
     out = tmp_path / "elsewhere"
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert f"{len(df)} duplicated row(s) with equal values" in said and "warning" not in said
+    assert f"{len(df)} duplicated row(s) with equal values" in said and "with different values" not in said
     assert len(pd.read_parquet(out / "results.parquet")) == len(df)
     assert not (tmp_path / "a" / "report").exists()
 
@@ -582,6 +582,50 @@ def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
     assert f"{len(df) - n_kl} duplicated row(s) with equal values" in said
     kept = pd.read_parquet(out / "results.parquet")
     assert len(kept) == len(df) and kept[kept.metric == "kl"].value.sum() == pytest.approx(changed[changed.metric == "kl"].value.sum())
+
+
+def test_report_out_never_overwrites_a_job_and_leaves_nothing_stale(tmp_path: Path, capsys):
+    job = write_job(tmp_path / "a" / "0", sweep_frame("m", OTHER, "short"))
+    before = (job / "results.parquet").read_bytes()
+    assert report.main([str(tmp_path / "a"), "--out", str(job)]) == 2
+    assert "is a job's folder (it holds its results); a report there would overwrite them" in capsys.readouterr().err
+    assert (job / "results.parquet").read_bytes() == before and not (job / "report.json").exists()
+    (tmp_path / "afile").write_text("x")
+    assert report.main([str(tmp_path / "a"), "--out", str(tmp_path / "afile")]) == 2
+    assert "--out " + str(tmp_path / "afile") + " is a file" in capsys.readouterr().err
+
+    out = tmp_path / "rep"
+    assert report.main([str(tmp_path / "a"), "--out", str(out)]) == 0
+    (out / "dose_response.csv").write_text("from an earlier report of steer jobs")
+    (out / "figures" / "dose_steer_old.png").write_bytes(b"png")
+    (out / "wandb").mkdir()
+    (out / "wandb" / "offline-run-1").write_text("an earlier --wandb run: kept")
+    assert report.main([str(tmp_path / "a"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert not (out / "dose_response.csv").exists() and not (out / "figures" / "dose_steer_old.png").exists()
+    assert (out / "wandb" / "offline-run-1").is_file() and (out / "figures" / "kl_by_layer.png").is_file()
+    manifest = json.loads((out / "report.json").read_text())
+    assert manifest["kind"] == "lac-report" and "complete" not in manifest and manifest["written"]["tables"]
+    assert report.main([str(tmp_path / "a")]) == 0 and (tmp_path / "a" / "report" / "tables.md").is_file()
+    assert report.main([str(tmp_path / "a")]) == 0  # its own default folder again: a previous report, replaced
+    assert "1 job dir(s)" in capsys.readouterr().out  # neither report folder is read as a job
+
+
+def test_an_interrupted_multirun_job_and_a_model_without_depth_are_named(tmp_path: Path, capsys):
+    sweep = tmp_path / "multirun" / "2026-01-02" / "03-04-05"
+    write_job(sweep / "0", sweep_frame("m", OTHER, "short"), _job_summary("m", OTHER, 24))
+    write_job(sweep / "1", sweep_frame("mine", "/my/model", "short", seed=7))  # summary without n_layers
+    killed = sweep / "2" / ".hydra"  # Hydra's dir of a job killed before its results were written
+    killed.mkdir(parents=True)
+    (killed / "overrides.yaml").write_text("- model=qwen0.5\n- layer=6\n")
+    assert report.main([str(tmp_path / "multirun"), "--out", str(tmp_path / "rep")]) == 0
+    said = capsys.readouterr().out
+    assert "2 job dir(s)" in said and "1 incomplete" in said
+    assert f"incomplete: {(sweep / '2').resolve()} (job model=qwen0.5 layer=6: no results: interrupted or failed" in said
+    assert "warning: no depth (n_layers) known for mine (/my/model): the figures use absolute layers" in said
+    assert "model=qwen0.5 layer=6" in (tmp_path / "rep" / "tables.md").read_text()
+    assert report.main([str(tmp_path / "multirun"), "--out", str(tmp_path / "rep2"), "--x", "layer"]) == 0
+    assert "no depth" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- refusals
@@ -598,7 +642,7 @@ def test_no_results_exit_2_lists_searched_paths(tmp_path: Path, capsys):
     assert "no results found" in err
     assert str(empty) in err and str(tmp_path / "unfinished") in err
     assert f"{ghost}  (does not exist)" in err
-    assert "incomplete job (parts/ only)" in err and str(unfinished.resolve()) in err
+    assert f"incomplete: {unfinished.resolve()} (parts/ without results.parquet: interrupted" in err
     assert not (empty / "report").exists()
 
 

@@ -197,6 +197,22 @@ def test_activation_cache_write_failure_is_not_fatal(tmp_path, monkeypatch, capl
     assert cache.get([Cell("x", "y0")], None)["x__y0"] is caps[0]  # the memory cache still works
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """Results, summaries and cache entries on shared storage: readable as the umask says (mkstemp's 0600 was
+    kept before, so colleagues could not read a job's results)."""
+    import stat
+
+    from lac.io import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "results.parquet", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.parquet").stat().st_mode) == 0o666 & ~umask
+
+
 def test_temp_files_of_a_killed_writer_are_removed_once_stale(tmp_path, monkeypatch):
     """A process killed between mkstemp and rename (preemption mid-write) leaves `.<name>.*.tmp`;
     the next job on that cache folder or job store removes it once it is older than any live write."""

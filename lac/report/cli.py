@@ -32,8 +32,10 @@ from lac.report.figures import (
 from lac.report.loading import (
     NoReadableResults,
     SchemaError,
+    describe_incomplete,
     drop_duplicate_rows,
     find_job_dirs,
+    is_report_dir,
     load_results,
     model_depths,
     write_parquet,
@@ -86,11 +88,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+REPORT_FILES = (RESULTS_FILE, "tables.md", REPORT_MARKER)  # with figures/ and *.csv: what a report writes
+
+
+def out_problem(out: Path) -> str | None:
+    """Why `out` cannot take a report: a file, or a job's own folder (its results.parquet would be
+    overwritten, and the folder then read as a report)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder (new, or a previous report's)"
+    if out.is_dir() and not is_report_dir(out) and any(
+            (out / name).exists() for name in ("summary.json", "done.json", "parts", ".hydra")):
+        return (f"--out {out} is a job's folder (it holds its results); a report there would overwrite them: "
+                "give a new folder, or a previous report's")
+    return None
+
+
+def clear_previous(out: Path) -> None:
+    """A previous report's files go before a new one is written (none of its figures or CSVs stays behind
+    to be mistaken for this one's); the marker is written first, so a report cut short is never read as
+    a job. Other files in the folder (a W&B run of an earlier --wandb) are left."""
+    import shutil
+
+    if is_report_dir(out):
+        for f in [*(out / n for n in REPORT_FILES if n != REPORT_MARKER), *out.glob("*.csv")]:
+            f.unlink(missing_ok=True)
+        shutil.rmtree(out / "figures", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(json.dumps({"kind": REPORT_KIND, "complete": False}) + "\n", out / REPORT_MARKER)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out if args.out is not None else default_out(args.paths[0])
-    found = find_job_dirs(args.paths, exclude=[out])
     err = sys.stderr
+    if why := out_problem(out):
+        print(f"lac.report: {why}", file=err)
+        return EXIT_NO_RESULTS
+    found = find_job_dirs(args.paths, exclude=[out])
 
     if not found.jobs:
         print(
@@ -99,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in found.searched:
             print(f"  {p}{'  (does not exist)' if p in found.missing else ''}", file=err)
         for d in found.incomplete:
-            print(f"  incomplete job (parts/ only): {d}", file=err)
+            print(f"  incomplete: {describe_incomplete(d)}", file=err)
         return EXIT_NO_RESULTS
     for p in found.missing:
         print(f"lac.report: warning: {p} does not exist", file=err)
@@ -129,17 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f", {len(unreadable)} unreadable results file(s) skipped" if unreadable else "")
     )
     if n_differ:
-        print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (same cell measured "
-              f"twice, e.g. before and after a change); kept the last")
+        print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (the same model, grid "
+              f"name, cell, site, layer and intervention measured twice: before and after a change, or two grids "
+              f"with one name, which grid.name=... tells apart); kept the last")
     if n_dup > n_differ:
         print(f"lac.report: {n_dup - n_differ} duplicated row(s) with equal values (the same cell in two jobs) "
               f"counted once")
     for d in found.incomplete:
-        print(f"  incomplete (parts/ without results.parquet): {d}")
+        print(f"  incomplete: {describe_incomplete(d)}")
     print("present (model · grid · intervention · site: layer:cells):")
     print(render_coverage(df))
 
     depths = model_depths(jobs, df)
+    shallow = sorted({f"{m} ({i})" for m, i in zip(df["model"], df["model_id"], strict=True) if (m, i) not in depths})
+    if args.x == "frac" and shallow:
+        print(f"lac.report: warning: no depth (n_layers) known for {', '.join(shallow)}: the figures use absolute "
+              "layers for every model (--x frac needs each model's depth, from its jobs' summary.json)")
     report = build_tables(df, depths=depths)
     header = [
         f"lac {lac.__version__}, schema {SCHEMA_VERSION}. {len(jobs)} job dir(s), "
@@ -148,11 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Searched: " + ", ".join(f"`{p}`" for p in found.searched),
     ]
     if found.incomplete:
-        header += ["", "Incomplete: " + ", ".join(f"`{d}`" for d in found.incomplete)]
+        header += ["", "Incomplete: " + "; ".join(describe_incomplete(d) for d in found.incomplete)]
     if unreadable:
         header += ["", "Skipped (unreadable): " + ", ".join(f"`{f}`" for f in unreadable)]
 
-    out.mkdir(parents=True, exist_ok=True)
+    clear_previous(out)
     written: dict[str, Any] = {}
     written["results"] = str(write_parquet(df, out / RESULTS_FILE))
 

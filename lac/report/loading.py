@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import yaml
 
 import lac
 from lac.io import atomic_write
@@ -61,7 +62,7 @@ class Found:
     missing: list[Path] = field(default_factory=list)
 
 
-def _is_report_dir(d: Path) -> bool:
+def is_report_dir(d: Path) -> bool:
     """A previous report's output also holds results.parquet; it must not be read back."""
     marker = d / REPORT_MARKER
     if not marker.is_file():
@@ -93,16 +94,29 @@ def find_job_dirs(paths: Sequence[Path | str], exclude: Iterable[Path | str] = (
             continue
         for f in candidates:
             d = f.parent.resolve()
-            if d in excluded or _is_report_dir(d):
+            if d in excluded or is_report_dir(d):
                 continue
             jobs[d] = None
         for d in roots:
             rd = d.resolve()
-            if (d / "parts").is_dir() and not (d / RESULTS_FILE).exists() and rd not in excluded:
+            unfinished = (d / "parts").is_dir() or (d / ".hydra" / "overrides.yaml").is_file()  # a store, a Hydra job dir
+            if unfinished and not (d / RESULTS_FILE).exists() and rd not in excluded and not is_report_dir(d):
                 incomplete[rd] = None
     found.jobs = list(jobs)
     found.incomplete = list(incomplete)
     return found
+
+
+def describe_incomplete(d: Path) -> str:
+    """What an unfinished job dir is: a job store with parts, or a Hydra job dir without results
+    (its job was killed or failed mid-way; a job refused by its checks leaves no folder)."""
+    if (d / "parts").is_dir():
+        return f"{d} (parts/ without results.parquet: interrupted; the same command resumes it)"
+    try:
+        overrides = " ".join(map(str, yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []))
+    except (OSError, ValueError, yaml.YAMLError):
+        overrides = "?"
+    return f"{d} (job {overrides or '(defaults)'}: no results: interrupted or failed; the same command resumes it)"
 
 
 def read_summary(job_dir: Path) -> dict[str, Any] | None:
