@@ -180,6 +180,7 @@ def test_api_overrides_as_a_list_or_a_bad_type():
         api.compose_sweep("layer=1,2", None)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 def test_a_tokenizer_without_a_chat_template_is_named(tok):
     import copy
 
@@ -192,6 +193,7 @@ def test_a_tokenizer_without_a_chat_template_is_named(tok):
         PromptBook(bare, grid).get(grid.cells()[0], grid.full)
 
 
+@pytest.mark.slow  # the embedded model's tokenizer (embedded_path converts on a cold cache)
 def test_a_hub_id_is_keyed_and_loaded_at_the_commit_the_local_cache_holds(tok, tmp_path, monkeypatch):
     """A hub id whose cached `main` moves to another commit is a new job, new captures and new weights."""
     import huggingface_hub.constants
