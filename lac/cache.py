@@ -72,6 +72,7 @@ def capture_key(lm: LoadedModel, grid: Grid) -> str:
     }
     if lm.files and lm.files.startswith("folder:"):  # a local folder: its files, not its path
         ident["model_id"] = ident["name_or_path"] = lm.files
+        ident["config"].pop("_name_or_path", None)  # the path again, as from_pretrained recorded it
     elif lm.files:  # a hub id at its commit
         ident["commit"] = lm.files
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]

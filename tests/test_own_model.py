@@ -70,6 +70,12 @@ def test_weights_saved_again_into_a_folder_are_a_new_job_and_new_captures(tok, t
     shutil.copytree(folder, tmp_path / "copy")  # the same files elsewhere: the same job, reused
     copied = api.job(*_local(tmp_path / "copy", root), job_dir=tmp_path / "j1")
     assert copied.summary["key"] == first.summary["key"]
+    from lac.cache import capture_key
+    from lac.models import load_model
+
+    grid = build_spec(compose(_local(folder, root))).grid
+    assert capture_key(load_model(compose(_local(tmp_path / "copy", root)).model), grid) == \
+        capture_key(load_model(compose(_local(folder, root)).model), grid)  # the captures too: not the path
 
     _save_model(folder, tok, seed=1)  # other weights, same path
     second = api.job(*_local(folder, root), job_dir=tmp_path / "j2")
