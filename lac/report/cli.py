@@ -88,9 +88,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-REPORT_FILES = (RESULTS_FILE, "tables.md", REPORT_MARKER)  # with figures/ and *.csv: what a report writes
-
-
 def out_problem(out: Path) -> str | None:
     """Why `out` cannot take a report: a file, or a job's own folder (its results.parquet would be
     overwritten, and the folder then read as a report)."""
@@ -109,8 +106,8 @@ def clear_previous(out: Path) -> None:
     a job. Other files in the folder (a W&B run of an earlier --wandb) are left."""
     import shutil
 
-    if is_report_dir(out):
-        for f in [*(out / n for n in REPORT_FILES if n != REPORT_MARKER), *out.glob("*.csv")]:
+    if is_report_dir(out):  # what a report writes, its marker aside: results, tables, CSVs, figures/
+        for f in [out / RESULTS_FILE, out / "tables.md", *out.glob("*.csv")]:
             f.unlink(missing_ok=True)
         shutil.rmtree(out / "figures", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
