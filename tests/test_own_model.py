@@ -57,8 +57,11 @@ def _kl(rows) -> list[float]:
 
 @pytest.mark.slow
 def test_weights_saved_again_into_a_folder_are_a_new_job_and_new_captures(tok, tmp_path, monkeypatch):
+    from lac import runner
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LAC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(runner, "_MODEL", {})  # the session's embedded model stays loaded for later tests
     folder, root = tmp_path / "mymodel", tmp_path / "results"
     _save_model(folder, tok, seed=0)
     first = api.job(*_local(folder, root), job_dir=tmp_path / "j0")
