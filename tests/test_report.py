@@ -984,3 +984,36 @@ def test_figure_names_keep_dots_in_model_names(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mechanism_qwen0.5_long_p_last.pdf",
                                                          "mechanism_qwen0.5_long_p_last.png"]
     assert all(p.is_file() for p in paths)
+
+
+def test_depth_table_lines_up_models_of_different_depth():
+    """qwen0.5 (24 layers) at 6, 10, 13 and a 26-layer model at 6, 10, 14: columns 25%, 40%, 55%,
+    each cell the median at that model's layer (named), equal to the per-layer table's median."""
+    df = pd.concat([
+        sweep_frame("qwen0.5", OTHER, "short", layers=(6, 10, 13)),
+        sweep_frame("deep", "org/deep", "short", layers=(6, 10, 14, 15), seed=30),
+        sweep_frame("nodepth", "org/nodepth", "short", layers=(6,), seed=60),
+    ])
+    ksum = report.kl_summary(df)
+    depths = {("qwen0.5", OTHER): 24, ("deep", "org/deep"): 26}
+    t = report.depth_table(ksum, "short", "additive", depths)
+    assert t is not None
+    assert list(t.frame.columns) == ["model", "site", "25%", "40%", "55%", "60%"]
+    for model, L, col in (("qwen0.5", 13, "55%"), ("deep", 14, "55%"), ("deep", 10, "40%"), ("deep", 15, "60%")):
+        v = df[(df.model == model) & (df.site == "g1") & (df.layer == L) & (df.metric == "kl") & (df.intervention == "additive")]
+        assert cell_of(t, model, "g1", col) == f"{np.median(v['value'].to_numpy()):.3g} (L{L})"
+    assert cell_of(t, "qwen0.5", "p_last", "60%") == report.DASH
+    assert "nodepth" not in set(t.frame["model"]) and any("nodepth" in n for n in t.notes)
+    # one model with a known depth: nothing to line up
+    assert report.depth_table(ksum, "short", "additive", {("deep", "org/deep"): 26}) is None
+    # two layers nearest one depth: the nearer one is shown (10/24 = .417 beats 9/24 = .375 for 40%)
+    two = sweep_frame("qwen0.5", OTHER, "short", layers=(9, 10))
+    t2 = report.depth_table(report.kl_summary(pd.concat([two, df[df.model == "deep"]])), "short", "additive", depths)
+    assert cell_of(t2, "qwen0.5", "g1", "40%").endswith("(L10)")
+    # and build_tables puts it under the per-layer table
+    titles = [x.title for x in report.build_tables(df, depths=depths).tables()]
+    i = titles.index("Causal KL, additive, grid `short`")
+    assert titles[i + 1] == "Median causal KL by relative depth, additive, grid `short`"
+    # site-major rows: the models to compare are adjacent
+    assert [(str(m), str(s)) for m, s in zip(t.frame["model"], t.frame["site"], strict=True)][:2] == [
+        ("deep", "p_last"), ("qwen0.5", "p_last")]

@@ -111,6 +111,58 @@ def kl_layer_table(
     return Table(title, frame, notes, key=f"kl_{intervention}_{grid}")
 
 
+DEPTH_STEP = 0.05  # columns of the depth-aligned table: relative depth to 5% (the paper's layers sit at .25 .40 .55 .70 .85)
+
+
+def depth_table(
+    summary: pd.DataFrame, grid: str, intervention: str, depths: dict[tuple[str, str], int],
+) -> Table | None:
+    """Models of different depth side by side: columns are relative depths (layer / n_layers to 5%),
+    each cell the median at the model's layer nearest that depth, named. None unless two or more
+    models with a known depth were measured at one layer at a time."""
+    s = summary[
+        (summary["grid"] == grid)
+        & (summary["intervention"] == intervention)
+        & summary["layers"].map(is_single_layer)
+    ]
+    models = sorted({(str(m), str(i)) for m, i in zip(s["model"], s["model_id"], strict=True)})
+    known = [m for m in models if depths.get(m)]
+    if len(known) < 2:
+        return None
+    labels = model_labels(s)
+    chosen: dict[tuple[str, str], dict[int, int]] = {}  # model -> {column: layer}
+    for m in known:
+        by_col: dict[int, int] = {}
+        for L in sorted({int(x) for x in s.loc[(s["model"] == m[0]) & (s["model_id"] == m[1]), "layer"]}):
+            frac = L / depths[m]
+            col = round(frac / DEPTH_STEP)
+            if col not in by_col or abs(frac - col * DEPTH_STEP) < abs(by_col[col] / depths[m] - col * DEPTH_STEP):
+                by_col[col] = L
+        chosen[m] = by_col
+    cols = sorted({c for by_col in chosen.values() for c in by_col})
+    names = {c: f"{c * DEPTH_STEP:.0%}" for c in cols}
+    rows: list[dict[str, str]] = []
+    by_site = sorted((r for r in _rows_in_order(s) if (r[0], r[1]) in chosen), key=lambda r: _site_key(r[2]))
+    for model, model_id, site in by_site:  # site-major: the models to compare sit on adjacent rows
+        g = s[(s["model"] == model) & (s["model_id"] == model_id) & (s["site"] == site)]
+        row = {"model": labels[(model, model_id)], "site": site}
+        for c, L in chosen[(model, model_id)].items():
+            r = g[g["layer"] == L]
+            if not r.empty:
+                row[names[c]] = f"{fmt(float(r.iloc[0]['median']))} (L{L})"
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=["model", "site", *names.values()]).fillna(DASH)
+    notes = [
+        "depth = layer / n_layers to 5%; each cell: the median at the model's layer nearest that depth (named); "
+        "the table above has every layer",
+    ]
+    missing = [labels[m] for m in models if m not in known]
+    if missing:
+        notes.append(f"left out, depth unknown: {', '.join(missing)}")
+    title = f"Median causal KL by relative depth, {intervention}, grid `{grid}`"
+    return Table(title, frame, notes, key=f"kl_depth_{intervention}_{grid}")
+
+
 def no_vector_table(summary: pd.DataFrame, grid: str) -> Table | None:
     """KL of interventions writing no vector (clean ceiling, bare floor), per (model, site)."""
     s = summary[
@@ -297,6 +349,9 @@ def build_tables(
         ivs = sorted(set(single.loc[single["grid"] == grid, "intervention"]), key=_condition_key)
         for iv in ivs:
             ts.append(kl_layer_table(ksum, grid, iv, paper))
+            aligned = depth_table(ksum, grid, iv, depths or {})
+            if aligned is not None:
+                ts.append(aligned)
             if iv == "additive":
                 t = kl_layer_table(ksum, grid, iv, paper, iqr=False)
                 t.title = f"Median causal KL, additive, grid `{grid}`"
