@@ -38,7 +38,7 @@ from lac.grid import Cell, Grid
 from lac.io import atomic_write, atomic_write_json, remove_stale_tmp
 from lac.models import LoadedModel
 from lac.numerics import NUMERICS_VERSION
-from lac.prompts import PromptBook, user_message
+from lac.prompts import PromptBook, PromptError, user_message
 
 log = logging.getLogger("lac.cache")
 CAPTURE_VERSION = 1
@@ -185,7 +185,11 @@ class ActivationCache:
             if kind == "trace_ids" and self.traces:
                 cap.traces[role] = _get_trace(tensors, meta, role, cap.logp.get(role, {}), self.device)
         for role in [*cap.site_h, *cap.traces]:
-            cap.prompts[role] = book.get(cell, role)
+            try:
+                cap.prompts[role] = book.get(cell, role)
+            except PromptError:  # a prompt lac no longer makes for this design (bare of a grid without a persona)
+                for held in (cap.site_h, cap.traces, cap.logp):
+                    held.pop(role, None)
         for role, t in cap.traces.items():  # today's tokenizer must give the prompt the trace continued
             n = len(cap.prompts[role].ids)
             if t.ids[:n] != list(cap.prompts[role].ids) or t.ids[n:] != cap.ref[: len(t.ids) - n]:

@@ -21,9 +21,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lac import kernels
 from lac.errors import LacError
 from lac.grid import Grid, grid_from_mapping, load_grid, with_partners
-from lac.interventions import INTERVENTIONS, NEEDS_ALPHA, Intervention, Job, get_intervention
+from lac.interventions import (
+    INTERVENTIONS,
+    NEEDS_ALPHA,
+    WHOLE_DESIGN,
+    Intervention,
+    Job,
+    get_intervention,
+)
 from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
 from lac.numerics import NUMERICS_VERSION
+from lac.prompts import bare_messages
 from lac.sites import SITES, check_sites
 
 MODES = ("kl", "markers")
@@ -152,7 +160,14 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
     """The job's intervention built for the grid's design (factor, alpha, swap partner), and the grid
     (with swap partners set for swap)."""
     name = str(icfg.get("name"))
-    factor = icfg.get("factor", "persona")
+    factor = icfg.get("factor")
+    if factor is None and "persona" not in grid.factor_names:
+        if name in WHOLE_DESIGN:  # about every factor at once: which one names it does not matter
+            factor = grid.factor_names[0]
+        else:
+            raise ConfigError(f"intervention {name} acts on one factor and grid {grid.name!r} has no persona "
+                              f"factor: set +intervention.factor=<one of {', '.join(grid.factor_names)}>")
+    factor = "persona" if factor is None else factor
     if not isinstance(factor, str) or factor not in grid.factor_names:
         raise ConfigError(f"intervention.factor={factor!r}: not a factor of grid {grid.name!r}; "
                           f"allowed: {', '.join(grid.factor_names)}")
@@ -238,6 +253,10 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"intervention {iv.name} edits attention, which needs eager attention; "
                           f"{m.name} is configured with {m.get('attn_implementation')!r}: set model.attn_implementation=eager")
     iv_layers = cfg.intervention.get("layers")
+    if iv_layers not in (None, "from"):  # checked also where nothing is written, so a typo never passes silently
+        _check_range(_layer_list(iv_layers, m, "intervention.layers"), n, "intervention.layers", m.name)
+    if iv.name == "bare":
+        bare_messages(grid)  # refuses a design without a bare prompt
     jobs: list[Job] = []
     for site in sites:
         if not iv.writes:
@@ -246,7 +265,6 @@ def build_spec(cfg: DictConfig) -> Spec:
             jobs.extend(Job(iv, site, tuple(range(L, n))) for L in layers)
         elif iv_layers is not None:
             ls = _layer_list(iv_layers, m, "intervention.layers")
-            _check_range(ls, n, "intervention.layers", m.name)
             jobs.append(Job(iv, site, tuple(sorted(set(ls)))))
         else:
             jobs.extend(Job(iv, site, (L,)) for L in layers)
@@ -273,16 +291,24 @@ def build_spec(cfg: DictConfig) -> Spec:
     if attn_mass and m.get("attn_implementation") != "eager":
         raise ConfigError("attn_persona reads attention weights, which needs eager attention: "
                           "set model.attn_implementation=eager")
+    if attn_mass and "persona" not in grid.factor_names:
+        raise ConfigError(f"attn_persona=true measures attention on the persona span, and grid {grid.name!r} has "
+                          f"no persona factor (factors: {', '.join(grid.factor_names)})")
     if mode == "markers":
         if not grid.markers:
             raise ConfigError(f"mode=markers needs persona markers, and grid {grid.name!r} has none (use grid=markers or add a markers: section)")
         missing = [p for p in grid.personas if p not in grid.markers]
         if missing:
             raise ConfigError(f"grid {grid.name!r} has no markers for personas {missing}")
+        if "bare" in conditions:
+            bare_messages(grid)
         for c in conditions:
             if c == iv.name:
                 condition_ivs.append(iv)  # the job's intervention, with its factor / alpha / partner
                 continue
+            if c in ("swap", *NEEDS_ALPHA):  # partner rule or dose: only the job's own intervention has one
+                raise ConfigError(f"marker condition {c} takes its {'partner rule' if c == 'swap' else 'dose'} from "
+                                  f"the job's intervention: add intervention={c} (markers.conditions={list(conditions)})")
             try:
                 civ = get_intervention(str(c), grid)
             except ValueError as e:

@@ -417,6 +417,9 @@ def with_partners(grid: Grid, factor: str, rule: Any) -> Grid:
     f = grid.factor(factor)
     keys = list(f.levels)
     if rule == "next":
+        if len(keys) < 2:  # next of the only level is itself: a swap that writes the clean run back
+            raise GridError(f"swap partner rule next needs two or more {factor} levels; grid {grid.name!r} has "
+                            f"{', '.join(keys)} only (partner=same, if X' = X is what you want)")
         pairs = {k: keys[(i + 1) % len(keys)] for i, k in enumerate(keys)}
     elif rule == "same":
         pairs = {k: k for k in keys}

@@ -266,6 +266,7 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
                 Remove, Steer, SteerHost, Swap)
 }
 NEEDS_ALPHA = ("steer", "steer_host")
+WHOLE_DESIGN = ("clean", "additive", "bare")  # about every factor at once: their rows name none
 
 
 def get_intervention(name: str, grid: Grid | None = None, factor: str | None = None,

@@ -304,8 +304,16 @@ def check_prompt_lengths(
 def bare_messages(grid: Grid) -> Messages:
     """The "bare" condition's chat: the persona dropped. The paper's grid: the task alone; a
     message starting "As {persona}, " loses that prefix; else messages holding {persona} go."""
+    if "persona" not in grid.factor_names:
+        raise PromptError(f"grid {grid.name!r} has no persona factor (factors: {', '.join(grid.factor_names)}), so "
+                          "'bare' (the prompt without its persona) is not defined; drop the 'bare' condition")
     out = []
     for role, content in grid.messages:
+        others = [f for f in grid.factor_names if f != "persona" and "{" + f + "}" in content]
+        if "{persona}" in content and not content.startswith("As {persona}, ") and others:
+            raise PromptError(f"grid {grid.name!r}: the {role} message {content!r} holds {{persona}} and "
+                              f"{', '.join('{' + f + '}' for f in others)}: 'bare' would drop them with the persona; "
+                              "drop the 'bare' condition, or give the persona a message of its own")
         if content.startswith("As {persona}, "):
             out.append((role, content[len("As {persona}, "):]))
         elif "{persona}" not in content:

@@ -37,3 +37,14 @@ DECOMPOSITION = "decomposition"
 # at the site (mean / max over heads) and averaged over the site's 10 window positions
 ATTENTION = "attention"
 ATTENTION_METRICS = ("attn_persona", "attn_persona_max", "attn_persona_window", "attn_persona_window_max")
+
+
+def condition_label(intervention: str, factor: str | None) -> str:
+    """The name an intervention's rows are shown and summarised under: with the factor it acted on when
+    that is not the persona (remove_x[task], knockout_persona[format]), so jobs on different factors are
+    never pooled or read as the paper's persona interventions. Idempotent; rows keep their own columns."""
+    f = factor if isinstance(factor, str) else ""
+    if (not f or f == "persona" or intervention in (DECOMPOSITION, ATTENTION)
+            or intervention.endswith((f"_{f}", f"[{f}]"))):
+        return intervention
+    return f"{intervention}[{f}]"

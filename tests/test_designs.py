@@ -357,6 +357,9 @@ def test_bad_intervention_values_are_clear_errors():
         build_spec(compose(["intervention=remove", "intervention.factor=tone"]))
     spec = build_spec(compose(["intervention=remove", "intervention.factor=task"]))
     assert spec.interventions[0].name == "remove_task"
+    for cond in ("swap", "steer_host"):  # a partner rule / dose comes only with the job's own intervention
+        with pytest.raises(ConfigError, match=rf"marker condition {cond} takes its .* add intervention={cond}"):
+            build_spec(compose(["experiment=markers", f"markers.conditions=[clean,{cond}]"]))
     spec = build_spec(compose(["intervention=steer", "intervention.alpha=2", "experiment=markers"]))
     assert spec.conditions[-1] == "steer" and spec.condition_ivs[-1].alpha == 2.0
 
@@ -419,3 +422,75 @@ def test_marker_generations_under_steer_and_swap(arch):
         assert toks[(c.key, "swap")] == toks[(c.key, "clean")]  # X' = X: clean
         assert toks[(c.key, "steer0")] == toks[(c.key, "remove_x")]  # alpha 0: remove_x
     assert any(toks[(c.key, "steer25")] != toks[(c.key, "clean")] for c in cells(grid))  # a real dose changes text
+
+
+NO_PERSONA = """\
+messages:
+  - {role: user, content: "As {speaker}, {topic}"}
+factors:
+  speaker: {letter: X, baseline: a thoughtful person, levels: {yoda: Yoda, marx: Karl Marx}}
+  topic: {letter: Y, baseline: Give advice., levels: {haiku: Write a haiku., policy: Comment on a policy.}}
+"""
+ONE_PERSONA = """\
+baseline: {persona: a thoughtful person, task: Give advice.}
+personas: {yoda: Yoda}
+tasks: {haiku: Write a haiku., policy: Comment on a policy.}
+"""
+SYSTEM_BOTH = """\
+messages:
+  - {role: system, content: "You are {persona}. {task}"}
+  - {role: user, content: "Please answer now."}
+factors:
+  persona: {baseline: a thoughtful person, levels: {yoda: Yoda, marx: Karl Marx}}
+  task: {baseline: Give advice., levels: {haiku: Write a haiku.}}
+"""
+
+
+@pytest.mark.parametrize("text, extra, match", [
+    # next of the only level is the level itself: a swap that silently writes the clean run back
+    (ONE_PERSONA, ["intervention=swap"], r"partner rule next needs two or more persona levels; grid 'g' has yoda only"),
+    # bare of a design without a persona was the full prompt (KL 0 as the "floor")
+    (NO_PERSONA, ["intervention=bare"], r"grid 'g' has no persona factor \(factors: speaker, topic\), so 'bare'"),
+    # bare dropped the task with the system message that held both
+    (SYSTEM_BOTH, ["intervention=bare"], r"the system message 'You are \{persona\}. \{task\}' holds \{persona\} and \{task\}"),
+    (SYSTEM_BOTH + "markers: {yoda: [force], marx: [capital]}\n", ["experiment=markers", "markers.conditions=[clean,bare]"],
+     r"holds \{persona\} and \{task\}"),
+    # attn_persona on a design without a persona: a traceback after the clean captures
+    (NO_PERSONA, ["attn_persona=true", "model.attn_implementation=eager"],
+     r"attn_persona=true measures attention on the persona span, and grid 'g' has no persona factor"),
+    # an intervention about one factor names how to choose it
+    (NO_PERSONA, ["intervention=host_none_lm", "~intervention.factor"],
+     r"intervention host_none_lm acts on one factor and grid 'g' has no persona factor: set \+intervention.factor="),
+])
+def test_designs_without_what_an_intervention_needs_are_refused(tmp_path, text, extra, match):
+    from lac.config import build_spec
+    from lac.errors import LacError
+    from tests.conftest import compose
+
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    with pytest.raises(LacError, match=match):
+        build_spec(compose(["grid=custom", f"grid.path={path}", "site=p_last", "layer=3", *extra]))
+
+
+def test_whole_design_interventions_run_on_a_grid_without_persona(tmp_path):
+    """additive / clean do not act on one factor: a design without a persona needs no factor for them."""
+    from lac.config import build_spec
+    from tests.conftest import compose
+
+    path = tmp_path / "g.yaml"
+    path.write_text(NO_PERSONA)
+    for iv in ("additive", "clean"):
+        spec = build_spec(compose(["grid=custom", f"grid.path={path}", f"intervention={iv}", "site=p_last", "layer=3"]))
+        assert spec.interventions[0].name == iv
+
+
+@pytest.mark.parametrize("extra", [["intervention=host_none_lm", "intervention.layers=[99]"],
+                                   ["intervention=host_none", "intervention.layers=from:99"],
+                                   ["intervention=clean", "intervention.layers=[-1]"]])
+def test_layers_of_interventions_that_write_nothing_are_still_checked(extra):
+    from lac.config import ConfigError, build_spec
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=r"intervention.layers"):
+        build_spec(compose(["site=p_last", "layer=3", *extra]))

@@ -582,6 +582,13 @@ def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
     assert f"{len(df) - n_kl} duplicated row(s) with equal values" in said
     kept = pd.read_parquet(out / "results.parquet")
     assert len(kept) == len(df) and kept[kept.metric == "kl"].value.sum() == pytest.approx(changed[changed.metric == "kl"].value.sum())
+    assert "intervention.partner" not in said  # no swap rows: that cause is not named
+
+    swap = frame([dict(r, factor="persona") for r in rows("m", OTHER, "short", "p_last", "10", "swap", "kl", kl_values(7))])
+    write_job(tmp_path / "s1" / "0", swap)
+    write_job(tmp_path / "s2" / "0", swap.assign(value=swap.value * 2))  # another partner rule
+    assert report.main([str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "rs")]) == 0
+    assert "swap jobs with different intervention.partner rules" in capsys.readouterr().out
 
 
 def test_report_out_never_overwrites_a_job_and_leaves_nothing_stale(tmp_path: Path, capsys):
@@ -1017,3 +1024,30 @@ def test_depth_table_lines_up_models_of_different_depth():
     # site-major rows: the models to compare are adjacent
     assert [(str(m), str(s)) for m, s in zip(t.frame["model"], t.frame["site"], strict=True)][:2] == [
         ("deep", "p_last"), ("qwen0.5", "p_last")]
+
+
+def test_interventions_on_other_factors_are_never_pooled_with_the_persona():
+    """remove_x / host_none with intervention.factor=task are other experiments: their own rows and tables,
+    named remove_x[task], never pooled with the persona's nor set beside the paper's remove_x."""
+    from lac.results import summarize
+
+    persona = kl_values(1, scale=0.01)
+    task = kl_values(2, scale=10.0)
+    df = frame(
+        [dict(r, factor="persona") for r in rows("qwen0.5", OTHER, "short", "p_last", "10", "remove_x", "kl", persona)]
+        + [dict(r, factor="task") for r in rows("qwen0.5", OTHER, "short", "p_last", "10", "remove_x", "kl", task)]
+        + [dict(r, factor="persona") for r in rows("qwen0.5", OTHER, "short", "p_last", "", "host_none", "kl", persona)]
+        + [dict(r, factor="task") for r in rows("qwen0.5", OTHER, "short", "p_last", "", "host_none", "kl", task)]
+    )
+    rep = report.build_tables(df)
+    by_title = {t.title: t for t in rep.tables()}
+    for name, v in (("remove_x", persona), ("remove_x[task]", task)):
+        t = by_title[f"Causal KL, {name}, grid `short`"]
+        assert cell_of(t, "qwen0.5", "p_last", "L10").startswith(f"{np.median(v):.3g} [")
+    host = next(t for t in rep.tables() if t.title.startswith("Host injection"))
+    shown = dict(zip(host.frame.iloc[:, 1].astype(str), host.frame.iloc[:, 3].astype(str), strict=False))
+    assert shown["host_none"].startswith(f"{np.median(persona):.3g}")
+    assert shown["host_none[task]"].startswith(f"{np.median(task):.3g}")
+    # the job's own summary (console, summary.json, W&B keys) names the factor the same way
+    s = summarize(df)
+    assert {r["intervention"] for r in s["kl"]} == {"remove_x", "remove_x[task]", "host_none", "host_none[task]"}

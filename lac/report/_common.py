@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from lac.schema import condition_label
 from lac.stats import quartiles
 
 RESULTS_FILE = "results.parquet"
@@ -70,6 +71,19 @@ def _host_key(intervention: str, layers: str) -> tuple:
     i = HOST_ORDER.index(intervention) if intervention in HOST_ORDER else len(HOST_ORDER)
     n = len(layers.split(",")) if layers else 0
     return (i, intervention, n, layers_key(layers))
+
+
+BY_FACTOR = ("steer", "steer_host", "swap")  # the designs section splits these by factor itself
+
+
+def label_conditions(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose intervention acted on a factor other than the persona renamed remove_x[task] and so on
+    (lac.schema.condition_label), so no table pools them with the persona's or sets them beside the paper's."""
+    if df.empty or "factor" not in df:
+        return df
+    labels = [i if i in BY_FACTOR else condition_label(str(i), f if isinstance(f, str) else "")
+              for i, f in zip(df["intervention"], df["factor"], strict=True)]
+    return df.assign(intervention=pd.Series(labels, index=df.index, dtype=df["intervention"].dtype))
 
 
 def _condition_key(intervention: str) -> tuple[int, str]:

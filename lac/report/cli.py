@@ -17,6 +17,7 @@ from lac.report._common import (  # noqa: I001
     REPORT_KIND,
     REPORT_MARKER,
     RESULTS_FILE,
+    label_conditions,
 )
 from lac.report.designs import (
     DESIGNS_SECTION,
@@ -150,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lac.report: no readable results: {e}", file=err)
         return EXIT_NO_RESULTS
     jobs = [d for d in found.jobs if Path(d) / RESULTS_FILE not in unreadable]
-    df, n_dup, n_differ = drop_duplicate_rows(df)
+    raw, n_dup, n_differ = drop_duplicate_rows(df)
+    df = label_conditions(raw)  # remove_x[task] apart from remove_x: a factor other than the persona is named
     if df.empty:
         print(f"lac.report: {len(jobs)} job dir(s) found but they hold no rows", file=err)
         return EXIT_NO_RESULTS
@@ -162,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if n_differ:
         print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (the same model, grid "
               f"name, cell, site, layer and intervention measured twice: before and after a change, or two grids "
-              f"with one name, which grid.name=... tells apart); kept the last")
+              f"with one name, which grid.name=... tells apart"
+              + ("; or swap jobs with different intervention.partner rules, which results do not record: "
+                 "report those separately" if (raw["intervention"] == "swap").any() else "")
+              + "); kept the last")
     if n_dup > n_differ:
         print(f"lac.report: {n_dup - n_differ} duplicated row(s) with equal values (the same cell in two jobs) "
               f"counted once")
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     clear_previous(out)
     written: dict[str, Any] = {}
-    written["results"] = str(write_parquet(df, out / RESULTS_FILE))
+    written["results"] = str(write_parquet(raw, out / RESULTS_FILE))
 
     figures: dict[str, Path] = {}
     for name, make in (

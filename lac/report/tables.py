@@ -20,6 +20,7 @@ from lac.report._common import (
     fmt,
     fmt_iqr,
     is_single_layer,
+    label_conditions,
     layer_set_label,
     model_labels,
 )
@@ -330,6 +331,7 @@ def build_tables(
     from lac.report.mechanism import attention_tables, controls_tables, mechanism_markdown
 
     paper = load_paper_tables() if paper is None else paper
+    df = label_conditions(df)
     no_doses = without_doses(df)  # steer / steer_host: one row per dose, summarised in their own section
     ksum, gsum, msum = kl_summary(no_doses), geometry_summary(df), marker_summary(no_doses)
     sections: list[tuple[str, list[Table]]] = []
