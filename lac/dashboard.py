@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lac.io import atomic_write
 from lac.schema import ATTENTION, ATTENTION_METRICS, GEOMETRY_METRICS
 from lac.sites import SITES
 
@@ -499,9 +500,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     workspace = build_workspace(sections, entity=args.entity, project=args.project, group=args.group,
                                 name=args.name)
     out = args.out or Path(f"wandb-workspace-{args.project}-{args.group or 'all'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     view = workspace_json(workspace)
-    out.write_text(json.dumps(view, indent=1) + "\n")
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(21, "is a folder; give a file name, e.g. DIR/workspace.json")
+        parent = next(a for a in out.absolute().parents if a.exists())
+        if not parent.is_dir():
+            raise NotADirectoryError(20, f"{parent} is a file, not a folder")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(view, indent=1) + "\n"))
+    except OSError as e:
+        print(f"lac.dashboard: --out {out}: {e.strerror or e}; nothing written", file=err)
+        return 2
     n = sum(len(p) for _, p in sections)
     print(f"lac.dashboard: workspace for {where}: {len(sections)} sections, {n} panels, keys from "
           f"{keys.source}" + (f" ({keys.runs} runs)" if keys.runs else ""))

@@ -119,9 +119,11 @@ def locked(path: str | Path, timeout: float = -1, what: str = "") -> Iterator[No
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
-            raise TimeoutError(
-                f"gave up after {timeout:.0f} s waiting for {path}, held by pid {holder}; "
-                f"if no such process runs, delete {path}"
+            from lac.errors import LacError
+
+            raise LacError(  # one line: another job is at work (an flock: a dead holder would have released it)
+                f"gave up after {timeout:.0f} s waiting for {path}{f' ({what})' if what else ''}, held by pid "
+                f"{holder}; the same command, once it is done, reuses or resumes its work"
             ) from None
         log.info("got %s after %.1f s", path, time.monotonic() - t0)
     try:

@@ -156,6 +156,10 @@ class LacCallback(Callback):
         if bad:
             print("\n".join(f"lac: {line}" for line in refusal(bad, len(jobs))), file=sys.stderr)
             sys.exit(2)
+        # a failure recorded by an earlier attempt of this sweep folder is not this attempt's: its job
+        # runs again now and records itself if it fails again (else a fixed sweep still exits 2)
+        if sweep_dir := OmegaConf.select(config, "hydra.sweep.dir"):
+            shutil.rmtree(Path(sweep_dir) / FAILED, ignore_errors=True)
         reuse_compositions(loader, config, composed)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -20,8 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lac.errors import LacError
 from lac.io import atomic_write_bytes, atomic_write_json, locked, remove_stale_tmp
-from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION
+from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION, condition_label
 from lac.stats import describe as cell_stats
 from lac.stats import layers_key
 
@@ -47,6 +48,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     from lac.schema import ATTENTION, ATTENTION_METRICS
 
     out: dict[str, Any] = {"kl": [], "geometry": [], "markers": {}}
+    df = df.assign(intervention=[condition_label(i, f) for i, f in zip(df["intervention"], df["factor"], strict=True)])
     for metric in ("kl", "kl_partner"):  # kl_partner: swap's KL to the partner prompt X'Y
         kl = df[df.metric == metric]
         if metric != "kl" and kl.empty:
@@ -192,6 +194,7 @@ class JobStore:
         self.final_dir = self.root / key
         self.dir = self.root / f".rerun-{key}" if staging else self.final_dir
         self.parts = self.dir / "parts"
+        self.claimed = False  # set by claim: the folder is this job's to discard if it fails empty
 
     @property
     def done(self) -> bool:
@@ -220,7 +223,7 @@ class JobStore:
         if own.is_file():
             found = json.loads(own.read_text())
             if found.get("key") != self.key:
-                raise RuntimeError(
+                raise LacError(
                     f"results folder {self.dir} belongs to config key {found.get('key')!r}, not {self.key!r}; "
                     "refusing to overwrite it (choose another results_root or remove the folder)"
                 )
@@ -234,9 +237,13 @@ class JobStore:
             shutil.rmtree(old, ignore_errors=True)
         if not own.is_file():
             atomic_write_json(own, {"key": self.key, "config": config})
+        self.claimed = True
 
     def discard_if_empty(self) -> None:
-        """A job that failed before computing anything leaves no folder behind."""
+        """A job that failed before computing anything leaves no folder behind; only a folder it claimed
+        (one `claim` refused belongs to someone else, whatever it holds)."""
+        if not self.claimed:
+            return
         if self.dir.is_dir() and not (self.dir / "done.json").exists() and not self.has_parts():
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -307,9 +314,26 @@ class JobStore:
         shutil.rmtree(old, ignore_errors=True)
         self.dir, self.parts = self.final_dir, self.final_dir / "parts"
 
-    def tracked(self, run_id: str) -> bool:
-        return (self.dir / "tracked" / f"{run_id}.json").is_file()
+    def tracked(self, run_id: str, dest: tuple[str | None, str | None] | None = None) -> bool:
+        """Whether this run was logged (to W&B project/entity `dest`: the same job logged to another
+        project is a run of its own there). A marker from before lac recorded projects counts for any."""
+        path = self.dir / "tracked" / f"{run_id}.json"
+        if not path.is_file():
+            return False
+        try:
+            logged = json.loads(path.read_text()).get("logged")
+        except (OSError, ValueError):
+            return False  # an unreadable marker: log the run again rather than never
+        return dest is None or logged is None or [*dest] in [[e.get("project"), e.get("entity")] for e in logged]
 
-    def mark_tracked(self, run_id: str, where: str | None) -> None:
+    def mark_tracked(self, run_id: str, where: str | None, dest: tuple[str | None, str | None] = (None, None)) -> None:
         """Written once the job's W&B run is finished: a rerun logs any run that is not marked."""
-        atomic_write_json(self.dir / "tracked" / f"{run_id}.json", {"run_id": run_id, "where": where})
+        path = self.dir / "tracked" / f"{run_id}.json"
+        logged = []
+        if path.is_file():
+            try:
+                logged = json.loads(path.read_text()).get("logged") or []
+            except (OSError, ValueError):
+                logged = []
+        logged = [*logged, {"project": dest[0], "entity": dest[1], "where": where}]
+        atomic_write_json(path, {"run_id": run_id, "where": where, "logged": logged})

@@ -8,6 +8,7 @@ reported and the sweep goes on (lac.multirun).
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lac.config import check_group_choices
 from lac.errors import LacError
@@ -28,6 +29,28 @@ from lac.runner import run
 from lac.tracking import configure_logging
 
 CONF = conf_dir()  # the repo's conf/ in a checkout, the packaged lac/conf in a wheel
+_CLAIMED: dict[str, str] = {}
+
+
+def free_dir(path: str) -> str:
+    """`path`, or `path-1`, `path-2` ... if another run made it first: made here (mkdir is atomic), so two
+    runs started in the same second get a folder each (conf/config.yaml's hydra.run.dir); before, both
+    wrote outputs/DATE/TIME and one job's results.parquet replaced the other's."""
+    if path not in _CLAIMED:
+        base = Path(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                continue
+        _CLAIMED[path] = str(candidate)
+    return _CLAIMED[path]
+
+
+OmegaConf.register_new_resolver("lac_free_dir", free_dir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="config")
@@ -35,6 +58,7 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     configure_logging(hc.verbose)  # lac INFO; Lightning/warnings/wandb banners quiet unless verbose
     try:
+        anchor_paths(cfg, Path(hc.runtime.cwd))
         run(cfg, job_dir=hc.runtime.output_dir)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
@@ -46,6 +70,21 @@ def main(cfg: DictConfig) -> None:
             print(f"lac: {e}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def anchor_paths(cfg: DictConfig, launch_dir: Path) -> None:
+    """Relative paths of the command line mean the launch dir, also where Hydra changed into the job's
+    folder (hydra.job.chdir=true): else results_root=outputs/results would land inside each job's
+    folder, and every launch recompute its jobs, never resuming."""
+    if Path.cwd().resolve() == launch_dir.resolve():
+        return
+    with open_dict(cfg):
+        for key in ("results_root", "grid.path", "model.id"):
+            value = OmegaConf.select(cfg, key)
+            if not isinstance(value, str) or value in ("", "???") or Path(value).is_absolute():
+                continue
+            if key != "model.id" or (launch_dir / value).exists():  # model.id: a folder, not a hub id
+                OmegaConf.update(cfg, key, str(launch_dir / value))
 
 
 def check_command_line(argv: list[str]) -> None:

@@ -30,7 +30,7 @@ from lac.config import ConfigError, Spec, job_key, preflight
 from lac.engine import Row, eos_ids, greedy
 from lac.errors import LacError
 from lac.grid import Cell
-from lac.interventions import Intervention, get_intervention, roles_needed
+from lac.interventions import WHOLE_DESIGN, Intervention, get_intervention, roles_needed
 from lac.io import atomic_write_bytes
 from lac.markers import score
 from lac.metrics import design_geometry
@@ -121,7 +121,7 @@ def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric
 
 def _about(iv: Intervention) -> dict:
     """The factor column (and alpha) of an intervention's rows: "" for those about the whole design."""
-    whole = iv.name in ("clean", "additive", "bare")
+    whole = iv.name in WHOLE_DESIGN
     return {"factor": "" if whole else iv.factor, "alpha": iv.alpha}
 
 
@@ -483,7 +483,7 @@ class _EarlyRun:
         self.args = (cfg, store, run_id, job_dir, name, config)
         self.pending: Any = None
         self.remote = None
-        if use_process(cfg.tracker) and not store.tracked(run_id):
+        if use_process(cfg.tracker) and not store.tracked(run_id, _dest(cfg)):
             from lac.tracker_process import RemoteTracker
 
             self.remote = RemoteTracker()
@@ -513,10 +513,20 @@ class _EarlyRun:
             _abandon_tracking(self.pending)
 
 
+def _dest(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """The W&B project and entity a job's run goes to (W&B's variables win): a run is logged once per pair."""
+    if cfg.tracker.get("name") == "none":
+        return (None, None)
+    from lac.tracking import wandb_settings
+
+    s = wandb_settings(cfg.tracker)
+    return (s.get("project"), s.get("entity"))
+
+
 def _start_tracking(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: str,
                     config: dict) -> Future | None:
     """Begin the job's W&B run (import, init) in a background thread while the job computes."""
-    if cfg.tracker.get("name") == "none" or store.tracked(run_id):
+    if cfg.tracker.get("name") == "none" or store.tracked(run_id, _dest(cfg)):
         return None
     from lac.tracking import start_tracker
 
@@ -553,7 +563,7 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
 
     t0 = time.monotonic()
     summary = json.loads((store.dir / "summary.json").read_text())
-    if not store.tracked(run_id):
+    if not store.tracked(run_id, _dest(cfg)):
         import pandas as pd
 
         df = pd.read_parquet(store.dir / "results.parquet")
@@ -574,7 +584,7 @@ def _track(cfg: DictConfig, store: JobStore, run_id: str, job_dir: Path, name: s
             raise TrackerError(f"{e}; the job's results are kept in {store.dir}, and the same command logs "
                                "its W&B run") from e
         if tracker.mode in ("online", "offline"):
-            store.mark_tracked(run_id, tracker.url_or_dir)
+            store.mark_tracked(run_id, tracker.url_or_dir, _dest(cfg))
     elif pending is not None:  # a twin logged this run meanwhile: end ours without logging twice
         _abandon_tracking(pending, exit_code=None)
     log.info("%s", timing_line(summary.get("seconds"), time.monotonic() - t0))

@@ -244,6 +244,8 @@ def check_tracker(tcfg: Any) -> None:
     tags = _get(tcfg, "tags", [])
     if isinstance(tags, (str, bytes)) or not isinstance(_plain(tags), Sequence):
         raise TrackerError(f"tracker.tags must be a list, e.g. tracker.tags=[a,b]; got {tags!r}")
+    if mode != "disabled":
+        _check_names(wandb_settings(tcfg))
     if mode == "online" and not api_key_source():
         raise TrackerError(
             f"tracker.mode resolved to 'online' but no W&B API key is configured for {_base_url()} "
@@ -252,6 +254,30 @@ def check_tracker(tcfg: Any) -> None:
             "or log locally with tracker.mode=offline (upload later with `wandb sync`), "
             "or turn tracking off with tracker=none"
         )
+
+
+BAD_NAME_CHARS = "/\\#?%:"  # what W&B refuses in a project (and entity) name, found only at its init
+
+
+def _check_names(settings: dict[str, Any]) -> None:
+    """Project / entity W&B would refuse, and a WANDB_DIR it cannot write, named before the job computes
+    (else the error came after the compute, and an offline run was marked logged that `wandb sync` refuses)."""
+    for field in ("project", "entity"):
+        value = settings.get(field)
+        if value is None:  # W&B's default
+            continue
+        text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+        bad = set(BAD_NAME_CHARS + (" " if field == "entity" else ""))
+        if not text.strip() or text != text.strip() or len(text) > 128 or bad & set(text):
+            via = ENV_OVERRIDES[field] if os.environ.get(ENV_OVERRIDES[field]) else f"tracker.{field}"
+            raise TrackerError(f"{via}={value!r} is not a W&B {field} name: 1-128 characters without "
+                               f"{' '.join(BAD_NAME_CHARS)}" + (" or spaces" if field == "entity" else ""))
+    if env := os.environ.get("WANDB_DIR"):
+        d = Path(env).expanduser().absolute()
+        base = next(a for a in (d, *d.parents) if a.exists())
+        if not base.is_dir() or not os.access(base, os.W_OK):
+            raise TrackerError(f"WANDB_DIR={env!r}: {base} is {'not a folder' if not base.is_dir() else 'not writable'}; "
+                               "set WANDB_DIR to a folder W&B can write its runs into (or unset it)")
 
 
 def use_process(tcfg: Any) -> bool:

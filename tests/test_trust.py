@@ -463,3 +463,120 @@ def test_a_failing_job_is_reported_and_the_sweep_goes_on(tmp_path):
     assert "lac: 1 job(s) of this multirun failed:" in out.stderr
     assert (tmp_path / "multirun" / "0" / "results.parquet").is_file()  # the good job ran
     assert len([p for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")]) == 1
+    # the same sweep folder again without the bad job: the earlier attempt's failure record is not this one's
+    again = cli(tmp_path, "-m", "tracker=none", f"grid.path={grid}", "layer=6")
+    assert again.returncode == 0, again.log[-3000:]
+    assert "failed" not in again.stderr
+
+
+# --------------------------------------------------------------------------- walk fixes (2026-11-25)
+
+
+def test_a_foreign_results_folder_is_refused_in_one_line_and_kept(tmp_path):
+    """A folder of another config under the job's key: refused as a user error, and never deleted
+    (before: a RuntimeError traceback, then the failed job's clean-up removed the folder and its files)."""
+    from lac.errors import LacError
+
+    store = JobStore(tmp_path, "abc")
+    store.dir.mkdir(parents=True)
+    (store.dir / "config.json").write_text(json.dumps({"key": "other"}))
+    (store.dir / "notes.txt").write_text("precious")
+    with pytest.raises(LacError, match=r"belongs to config key 'other', not 'abc'; refusing to overwrite it"):
+        store.claim({})
+    store.discard_if_empty()
+    assert (store.dir / "notes.txt").read_text() == "precious"
+    own = JobStore(tmp_path, "mine")
+    own.claim({})
+    own.discard_if_empty()  # its own folder, still empty: removed as before
+    assert not own.dir.exists()
+
+
+def test_relative_paths_mean_the_launch_dir_also_with_chdir(tmp_path, monkeypatch):
+    """hydra.job.chdir=true: results_root=outputs/results landed in each job's folder, so nothing resumed."""
+    from omegaconf import OmegaConf
+
+    from lac.run import anchor_paths
+
+    launch, job = tmp_path / "launch", tmp_path / "job"
+    (launch / "mymodel").mkdir(parents=True)
+    job.mkdir()
+    cfg = OmegaConf.create({"results_root": "outputs/results", "grid": {"path": "g.yaml"},
+                            "model": {"id": "mymodel"}})
+    hub = OmegaConf.create({"results_root": "/abs/store", "grid": {"path": None}, "model": {"id": "org/name"}})
+    monkeypatch.chdir(job)
+    anchor_paths(cfg, launch)
+    anchor_paths(hub, launch)
+    assert cfg.results_root == str(launch / "outputs/results") and cfg.grid.path == str(launch / "g.yaml")
+    assert cfg.model.id == str(launch / "mymodel")
+    assert hub.results_root == "/abs/store" and hub.model.id == "org/name"  # absolute and hub ids stay
+    monkeypatch.chdir(launch)  # no chdir: nothing changes (the stored config keeps what was typed)
+    same = OmegaConf.create({"results_root": "outputs/results", "grid": {"path": "g.yaml"}, "model": {"id": "x"}})
+    anchor_paths(same, launch)
+    assert same.results_root == "outputs/results"
+
+
+def test_two_runs_in_one_second_get_a_folder_each(tmp_path, monkeypatch):
+    import lac.run as run_mod
+
+    path = str(tmp_path / "outputs" / "2026-11-25" / "12-00-00")
+    monkeypatch.setattr(run_mod, "_CLAIMED", {})
+    first = run_mod.free_dir(path)
+    assert run_mod.free_dir(path) == first == path  # the same process asks again: the same folder
+    monkeypatch.setattr(run_mod, "_CLAIMED", {})  # as another process would
+    assert run_mod.free_dir(path) == path + "-1" and Path(path + "-1").is_dir()
+
+
+def test_a_run_is_logged_once_per_wandb_project(tmp_path):
+    """The same job logged to project pa, then to pb: a run in each (before: pb's was skipped as logged)."""
+    store = JobStore(tmp_path, "k")
+    store.dir.mkdir()
+    assert not store.tracked("r", ("pa", None))
+    store.mark_tracked("r", "dir-a", ("pa", None))
+    assert store.tracked("r", ("pa", None)) and not store.tracked("r", ("pb", None))
+    store.mark_tracked("r", "dir-b", ("pb", "team"))
+    assert store.tracked("r", ("pa", None)) and store.tracked("r", ("pb", "team"))
+    (store.dir / "tracked" / "old.json").write_text(json.dumps({"run_id": "old", "where": "x"}))
+    assert store.tracked("old", ("any", None))  # a mark from before projects were recorded: logged, as it was
+
+
+@pytest.mark.parametrize("tracker, env, match", [
+    ({"project": "a/b"}, {}, r"tracker.project='a/b' is not a W&B project name"),
+    ({"entity": "bad entity"}, {}, r"tracker.entity='bad entity' is not a W&B entity name: .* or spaces"),
+    ({}, {"WANDB_PROJECT": "x#y"}, r"WANDB_PROJECT='x#y' is not a W&B project name"),
+    ({}, {"WANDB_DIR": "FILE/sub"}, r"WANDB_DIR=.*FILE/sub'?: .* is not a folder"),
+])
+def test_wandb_names_and_dir_w_and_b_would_refuse_are_refused_before_the_job(tmp_path, monkeypatch, tracker, env,
+                                                                             match):
+    from lac.tracking import TrackerError, check_tracker
+
+    (tmp_path / "FILE").write_text("")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.replace("FILE", str(tmp_path / "FILE")))
+    tcfg = {"name": "wandb", "project": "lac", "entity": None, "group": "g", "job_type": "kl", "tags": [],
+            "mode": "offline", "process": True, **tracker}
+    with pytest.raises(TrackerError, match=match):
+        check_tracker(tcfg)
+    check_tracker({**tcfg, "mode": "disabled"})  # nothing is logged: nothing to refuse
+    if not env:
+        check_tracker({**tcfg, "project": 2026, "entity": "my-team_1"})
+
+
+def test_a_lock_given_up_is_one_line(tmp_path):
+    from lac.errors import LacError
+    from lac.io import locked
+
+    with locked(tmp_path / "k.lock"):
+        with pytest.raises(LacError, match=r"gave up after 0 s waiting for .*k.lock \(job k\), held by pid"):
+            with locked(tmp_path / "k.lock", timeout=0.2, what="job k"):
+                pass
+
+
+def test_dashboard_out_at_a_folder_or_under_a_file_is_one_line(tmp_path, capsys):
+    from lac import dashboard
+
+    (tmp_path / "afile").write_text("")
+    base = ["--entity", "e", "--project", "p", "--group", "g", "--dry-run", "--out"]
+    assert dashboard.main([*base, str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert dashboard.main([*base, str(tmp_path / "afile" / "x.json")]) == 2
+    assert "afile is a file, not a folder; nothing written" in capsys.readouterr().err
