@@ -58,7 +58,9 @@ def test_a_folder_of_another_config_is_refused(tmp_path):
     JobStore(tmp_path, "k1").claim({"layer": 6})
     (tmp_path / "k2").mkdir()
     (tmp_path / "k1" / "config.json").rename(tmp_path / "k2" / "config.json")
-    with pytest.raises(RuntimeError, match="belongs to config key 'k1', not 'k2'"):
+    from lac.errors import LacError
+
+    with pytest.raises(LacError, match="belongs to config key 'k1', not 'k2'"):  # one line, not a traceback
         JobStore(tmp_path, "k2").claim({"layer": 7})
 
 
