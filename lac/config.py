@@ -401,6 +401,8 @@ def job_key(cfg: DictConfig) -> str:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
     if iv.get("factor") == "persona":
         iv.pop("factor")  # the default: keys of jobs from before designs stay valid
+    if isinstance(iv.get("alpha"), float) and iv["alpha"].is_integer():
+        iv["alpha"] = int(iv["alpha"])  # alpha=2.0 is the job alpha=2 is (one key, not a recompute)
     if data.get("mode") == "markers" and iv.get("name") not in data.get("markers", {}).get("conditions", []):
         data["markers_with_intervention"] = True  # since designs: the job's intervention is a condition too
     blob = json.dumps(data, sort_keys=True, default=str)

@@ -147,6 +147,10 @@ def test_job_key_ignores_where_and_how_but_not_what():
     a = compose(["tracker=none", "intervention=host_none", "intervention.layers=[9,11]"])
     b = compose(["tracker=none", "intervention=host_none"])
     assert job_key(a) == job_key(b)
+    # a dose typed 2.0 is the dose 2: one job, not a recompute; 2.5 is another
+    steer = ["tracker=none", "intervention=steer"]
+    assert job_key(compose([*steer, "intervention.alpha=2.0"])) == job_key(compose([*steer, "intervention.alpha=2"]))
+    assert job_key(compose([*steer, "intervention.alpha=2.5"])) != job_key(compose([*steer, "intervention.alpha=2"]))
 
 
 def test_every_shipped_config_composes_and_validates():
