@@ -315,7 +315,7 @@ def _factors(data: Any, where: str) -> tuple[Factor, ...]:
         if not isinstance(base, str) or not base.strip():
             raise GridError(f"{where}: factor {name!r} has no baseline text (got {base!r}); every factor needs "
                             "a baseline level (the B of role names)")
-        levels = _text_map(spec.get("levels"), plural.get(name, f"{name}s"), where)
+        levels = _text_map(spec.get("levels"), plural.get(name, f"factors.{name}.levels"), where)
         same = [k for k, v in levels.items() if v == base.strip()]
         if same:
             what = name if plural else f"level of factor {name!r}"

@@ -330,6 +330,8 @@ def test_bad_factors_are_clear_errors(tmp_path):
         grid_from_mapping(factors_grid(task={"letter": "X", "baseline": "Do.", "levels": {"t": "T."}}), "g")
     with pytest.raises(GridError, match=r"letter 'B'; allowed: one capital A-Z except B \(baseline\)"):
         grid_from_mapping(factors_grid(task={"letter": "B", "baseline": "Do.", "levels": {"t": "T."}}), "g")
+    with pytest.raises(GridError, match=r"'factors.task.levels' must be a non-empty mapping"):  # not 'tasks'
+        grid_from_mapping(factors_grid(task={"baseline": "Do.", "levels": {}}), "g")
     with pytest.raises(GridError, match=r"either 'factors:' or the paper's"):
         grid_from_mapping({**factors_grid(), "personas": {"a": "A"}}, "g")
     with pytest.raises(GridError, match=r"cell \['a', 'zz'\] has level 'zz' for factor 'task'; allowed: t"):
