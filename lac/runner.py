@@ -288,16 +288,18 @@ def _markers(lm, spec, caps, book, ctx, rows, batch_cells) -> list[dict]:
         cut = next((j for j, t in enumerate(tk) if t in eos), len(tk))
         text = lm.tokenizer.decode(tk[:cut], skip_special_tokens=True)
         s = score(text, spec.grid.markers[cap.cell.persona])
+        dose: dict[str, Any] = {} if ivs[cond].alpha is None else {"alpha": ivs[cond].alpha}  # what produced the text
         if ivs[cond].name == "swap" and ivs[cond].factor == "persona":  # the partner persona's markers too (METHOD: markers of X and X')
             partner = spec.grid.partners["persona"][cap.cell.persona]
             s |= {f"{k}_partner": v for k, v in score(text, spec.grid.markers[partner]).items()}
+            dose["partner"] = partner
         used = layers if patched else []
         about = _about(ivs[cond])
         for metric in ("marker_any", "marker_distinct", "marker_any_partner", "marker_distinct_partner"):
             if metric in s:
                 rows.append(_row(cap.cell, "p_last", used, cond, metric, s[metric], ctx, **about))
         gens.append({"cell": cap.cell.key, "persona": cap.cell.persona, "task": cap.cell.task,
-                     "condition": cond, "layer": max(used) if used else -1, "tokens": tk, "text": text, **s})
+                     "condition": cond, "layer": max(used) if used else -1, **dose, "tokens": tk, "text": text, **s})
     return gens
 
 

@@ -97,6 +97,7 @@ def test_steer_and_swap_jobs_through_the_cli(tmp_path):
     markers = {"yoda": ["Hmm", "young one", "Force"], "chef": ["seasonal", "ingredient", "flavor", "French"]}
     partner = {"yoda": "chef", "chef": "yoda"}  # partner=next, two personas
     for g in (g for g in gens if g["condition"] == "swap"):
+        assert g["partner"] == partner[g["persona"]]  # the record says whose markers _partner scored
         rows = swap[swap.cell == g["cell"]].set_index("metric").value
         assert rows["marker_any"] == score(g["text"], markers[g["persona"]])["marker_any"]
         assert rows["marker_any_partner"] == score(g["text"], markers[partner[g["persona"]]])["marker_any"]
