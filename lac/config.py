@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from lac.interventions import (
     Job,
     get_intervention,
 )
+from lac.io import unwritable
 from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
 from lac.numerics import NUMERICS_VERSION
 from lac.prompts import bare_messages
@@ -161,13 +160,14 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
     (with swap partners set for swap)."""
     name = str(icfg.get("name"))
     factor = icfg.get("factor")
-    if factor is None and "persona" not in grid.factor_names:
-        if name in WHOLE_DESIGN:  # about every factor at once: which one names it does not matter
+    if factor is None:  # the persona; a design without one: any factor for those about every factor
+        if "persona" in grid.factor_names:
+            factor = "persona"
+        elif name in WHOLE_DESIGN:
             factor = grid.factor_names[0]
         else:
             raise ConfigError(f"intervention {name} acts on one factor and grid {grid.name!r} has no persona "
                               f"factor: set +intervention.factor=<one of {', '.join(grid.factor_names)}>")
-    factor = "persona" if factor is None else factor
     if not isinstance(factor, str) or factor not in grid.factor_names:
         raise ConfigError(f"intervention.factor={factor!r}: not a factor of grid {grid.name!r}; "
                           f"allowed: {', '.join(grid.factor_names)}")
@@ -253,19 +253,18 @@ def build_spec(cfg: DictConfig) -> Spec:
         raise ConfigError(f"intervention {iv.name} edits attention, which needs eager attention; "
                           f"{m.name} is configured with {m.get('attn_implementation')!r}: set model.attn_implementation=eager")
     iv_layers = cfg.intervention.get("layers")
-    if iv_layers not in (None, "from"):  # checked also where nothing is written, so a typo never passes silently
-        _check_range(_layer_list(iv_layers, m, "intervention.layers"), n, "intervention.layers", m.name)
-    if iv.name == "bare":
-        bare_messages(grid)  # refuses a design without a bare prompt
+    iv_set = None  # one layer set for every site; checked also where nothing is written, so a typo never passes
+    if iv_layers not in (None, "from"):
+        iv_set = _layer_list(iv_layers, m, "intervention.layers")
+        _check_range(iv_set, n, "intervention.layers", m.name)
     jobs: list[Job] = []
     for site in sites:
         if not iv.writes:
             jobs.append(Job(iv, site, ()))
         elif iv_layers == "from":  # one set per job layer L: L..n_layers-1
             jobs.extend(Job(iv, site, tuple(range(L, n))) for L in layers)
-        elif iv_layers is not None:
-            ls = _layer_list(iv_layers, m, "intervention.layers")
-            jobs.append(Job(iv, site, tuple(sorted(set(ls)))))
+        elif iv_set is not None:
+            jobs.append(Job(iv, site, tuple(sorted(set(iv_set)))))
         else:
             jobs.extend(Job(iv, site, (L,)) for L in layers)
 
@@ -294,14 +293,14 @@ def build_spec(cfg: DictConfig) -> Spec:
     if attn_mass and "persona" not in grid.factor_names:
         raise ConfigError(f"attn_persona=true measures attention on the persona span, and grid {grid.name!r} has "
                           f"no persona factor (factors: {', '.join(grid.factor_names)})")
+    if iv.name == "bare" or (mode == "markers" and "bare" in conditions):
+        bare_messages(grid)  # refuses a design without a bare prompt
     if mode == "markers":
         if not grid.markers:
             raise ConfigError(f"mode=markers needs persona markers, and grid {grid.name!r} has none (use grid=markers or add a markers: section)")
         missing = [p for p in grid.personas if p not in grid.markers]
         if missing:
             raise ConfigError(f"grid {grid.name!r} has no markers for personas {missing}")
-        if "bare" in conditions:
-            bare_messages(grid)
         for c in conditions:
             if c == iv.name:
                 condition_ivs.append(iv)  # the job's intervention, with its factor / alpha / partner
@@ -342,18 +341,8 @@ def check_results_root(root: Any) -> Path:
     path = Path(str(root)).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"results_root={str(root)!r} is a file, not a folder; give a folder for the job store")
-    try:
-        if path.is_dir():
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
-            os.close(fd)
-            os.unlink(probe)
-        else:
-            base = next(p for p in path.absolute().parents if p.exists())  # the folder it would be made in
-            if not base.is_dir():
-                raise NotADirectoryError(f"{base} is a file")
-            os.rmdir(tempfile.mkdtemp(dir=base, prefix=".write-check-"))  # root passes os.access; /proc does not
-    except OSError as e:
-        raise ConfigError(f"results_root={str(root)!r} is not writable ({e.strerror or e}); give a folder you can write") from None
+    if why := unwritable(path):
+        raise ConfigError(f"results_root={str(root)!r} is not writable ({why}); give a folder you can write")
     return path
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lac.io import atomic_write
+from lac.io import atomic_write, unwritable
 from lac.schema import ATTENTION, ATTENTION_METRICS, GEOMETRY_METRICS
 from lac.sites import SITES
 
@@ -504,9 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if out.is_dir():
             raise IsADirectoryError(21, "is a folder; give a file name, e.g. DIR/workspace.json")
-        parent = next(a for a in out.absolute().parents if a.exists())
-        if not parent.is_dir():
-            raise NotADirectoryError(20, f"{parent} is a file, not a folder")
+        if why := unwritable(out.parent):
+            raise OSError(why)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(view, indent=1) + "\n"))
     except OSError as e:

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lac.errors import LacError
+
 log = logging.getLogger("lac.io")
 _CHUNK = 8 << 20
 
@@ -51,6 +53,21 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why `folder` cannot be written, or made, by this process (None if it can), without making it: a
+    probe folder is made and removed in it or its nearest existing parent (root passes os.access; /proc,
+    read-only mounts and immutable folders refuse the probe)."""
+    path = Path(folder).expanduser().absolute()
+    base = next(p for p in (path, *path.parents) if p.exists())
+    if not base.is_dir():
+        return f"{base} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=base, prefix=".write-check-"))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 TMP_MAX_AGE_S = 3600.0  # a temp file older than this is a killed writer's: a live one renames within seconds
@@ -119,8 +136,6 @@ def locked(path: str | Path, timeout: float = -1, what: str = "") -> Iterator[No
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
-            from lac.errors import LacError
-
             raise LacError(  # one line: another job is at work (an flock: a dead holder would have released it)
                 f"gave up after {timeout:.0f} s waiting for {path}{f' ({what})' if what else ''}, held by pid "
                 f"{holder}; the same command, once it is done, reuses or resumes its work"

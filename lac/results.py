@@ -314,26 +314,23 @@ class JobStore:
         shutil.rmtree(old, ignore_errors=True)
         self.dir, self.parts = self.final_dir, self.final_dir / "parts"
 
+    def _marks(self, run_id: str) -> list[dict[str, Any]] | None:
+        """Where a run was logged ({project, entity, where} each); [] for a marker from before lac recorded
+        projects; None for no (or an unreadable) marker: log the run again rather than never."""
+        try:
+            return json.loads((self.dir / "tracked" / f"{run_id}.json").read_text()).get("logged", [])
+        except (OSError, ValueError):
+            return None
+
     def tracked(self, run_id: str, dest: tuple[str | None, str | None] | None = None) -> bool:
         """Whether this run was logged (to W&B project/entity `dest`: the same job logged to another
         project is a run of its own there). A marker from before lac recorded projects counts for any."""
-        path = self.dir / "tracked" / f"{run_id}.json"
-        if not path.is_file():
+        marks = self._marks(run_id)
+        if marks is None:
             return False
-        try:
-            logged = json.loads(path.read_text()).get("logged")
-        except (OSError, ValueError):
-            return False  # an unreadable marker: log the run again rather than never
-        return dest is None or logged is None or [*dest] in [[e.get("project"), e.get("entity")] for e in logged]
+        return dest is None or not marks or [*dest] in [[e.get("project"), e.get("entity")] for e in marks]
 
     def mark_tracked(self, run_id: str, where: str | None, dest: tuple[str | None, str | None] = (None, None)) -> None:
         """Written once the job's W&B run is finished: a rerun logs any run that is not marked."""
-        path = self.dir / "tracked" / f"{run_id}.json"
-        logged = []
-        if path.is_file():
-            try:
-                logged = json.loads(path.read_text()).get("logged") or []
-            except (OSError, ValueError):
-                logged = []
-        logged = [*logged, {"project": dest[0], "entity": dest[1], "where": where}]
-        atomic_write_json(path, {"run_id": run_id, "where": where, "logged": logged})
+        logged = [*(self._marks(run_id) or []), {"project": dest[0], "entity": dest[1], "where": where}]
+        atomic_write_json(self.dir / "tracked" / f"{run_id}.json", {"run_id": run_id, "where": where, "logged": logged})

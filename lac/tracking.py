@@ -105,6 +105,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lac.errors import LacError
+from lac.io import unwritable
 
 log = logging.getLogger("lac.tracking")
 
@@ -272,12 +273,9 @@ def _check_names(settings: dict[str, Any]) -> None:
             via = ENV_OVERRIDES[field] if os.environ.get(ENV_OVERRIDES[field]) else f"tracker.{field}"
             raise TrackerError(f"{via}={value!r} is not a W&B {field} name: 1-128 characters without "
                                f"{' '.join(BAD_NAME_CHARS)}" + (" or spaces" if field == "entity" else ""))
-    if env := os.environ.get("WANDB_DIR"):
-        d = Path(env).expanduser().absolute()
-        base = next(a for a in (d, *d.parents) if a.exists())
-        if not base.is_dir() or not os.access(base, os.W_OK):
-            raise TrackerError(f"WANDB_DIR={env!r}: {base} is {'not a folder' if not base.is_dir() else 'not writable'}; "
-                               "set WANDB_DIR to a folder W&B can write its runs into (or unset it)")
+    if (env := os.environ.get("WANDB_DIR")) and (why := unwritable(env)):
+        raise TrackerError(f"WANDB_DIR={env!r}: {why}, so it is not a folder W&B can write its runs into; "
+                           "set WANDB_DIR to one (or unset it)")
 
 
 def use_process(tcfg: Any) -> bool:

@@ -217,7 +217,7 @@ def test_results_root_checked(tmp_path, monkeypatch):
         check_results_root(str(f / "sub"))  # a folder cannot be made under a file
     new = tmp_path / "new" / "root"
     assert check_results_root(str(new)) == new and not (tmp_path / "new").exists()  # checked, not made
-    import lac.config
+    import lac.io
 
     calls = []
 
@@ -225,7 +225,7 @@ def test_results_root_checked(tmp_path, monkeypatch):
         calls.append(Path(dir))
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(lac.config.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(lac.io.tempfile, "mkdtemp", refuse)
     with pytest.raises(ConfigError, match=r"is not writable \(Permission denied\)"):
         check_results_root(str(tmp_path / "new" / "a" / "b"))
     assert calls == [tmp_path.absolute()]  # the nearest folder that exists: where it would be made
