@@ -39,6 +39,7 @@ from lac import tracking
 from lac.tracking import Tracker, TrackerError
 
 COMMANDS = ("log_results", "log_generations")  # what the job's process may ask of the run
+_GRACE = 60.0  # seconds past wandb's own timeout before a silent child counts as hung
 
 
 class RemoteTracker(Tracker):
@@ -55,10 +56,12 @@ class RemoteTracker(Tracker):
             self._conn, self._proc = _spawn()
         self._begun = self._started = self._finished = self._released = False
         self._finish_timeout = float(tracking.DEFAULT_FINISH_TIMEOUT)
+        self._init_timeout = float(tracking.DEFAULT_INIT_TIMEOUT)
 
     def begin(self, tcfg: Any, *, run_id: str, config: dict[str, Any], run_dir: Path, name: str) -> None:
         """Ask the child for the run (`wandb.init` there); returns at once."""
         self._finish_timeout = float(tracking._get(tcfg, "finish_timeout", tracking.DEFAULT_FINISH_TIMEOUT))
+        self._init_timeout = float(tracking._get(tcfg, "init_timeout", tracking.DEFAULT_INIT_TIMEOUT))
         self._conn.send(("begin", {
             "tcfg": tracking._plain(tcfg), "run_id": run_id, "config": config, "run_dir": Path(run_dir),
             "name": name, "online_failed": tracking._online_failed,
@@ -70,7 +73,9 @@ class RemoteTracker(Tracker):
         """This tracker once its run has started (raises what starting it raised)."""
         if not self._started:
             try:
-                _, self.mode, self.url_or_dir, online_failed, cpu = self._reply("started")
+                # an online init that fails is retried offline: two init timeouts at most
+                _, self.mode, self.url_or_dir, online_failed, cpu = self._reply(
+                    "started", 2 * self._init_timeout, "tracker.init_timeout")
             except BaseException:
                 self._finished = True  # no run to finish: the child has given up (or is told to)
                 self.close()
@@ -99,7 +104,7 @@ class RemoteTracker(Tracker):
         if self._begun:
             try:
                 self._send(("finish", exit_code))
-                self._reply("finished")
+                self._reply("finished", self._finish_timeout, "tracker.finish_timeout")
             except BaseException:
                 self.close()
                 raise
@@ -128,7 +133,7 @@ class RemoteTracker(Tracker):
     def _call(self, command: str, *args: Any) -> None:
         self.result()
         self._send((command, *args))
-        self._reply("ok")
+        self._reply("ok", self._finish_timeout, "tracker.finish_timeout")
 
     def _send(self, msg: tuple) -> None:
         try:
@@ -144,10 +149,20 @@ class RemoteTracker(Tracker):
         self.close()
         raise TrackerError(f"the W&B process ended before it answered (exit code {code})") from None
 
-    def _reply(self, expected: str) -> tuple:
-        """The child's next answer; its log records are logged here on the way."""
+    def _reply(self, expected: str, timeout: float, setting: str) -> tuple:
+        """The child's next answer; its log records are logged here on the way. A child silent for
+        `timeout` (wandb's own limit for the step) plus `_GRACE` is hung: it is killed, never waited on
+        for ever (the job's results are safe by then; its run is not marked, so the next run logs it)."""
+        deadline = time.monotonic() + timeout + _GRACE
         while True:
             try:
+                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    self._proc.kill()
+                    self._proc.wait()
+                    self._finished = True
+                    self.close()
+                    raise TrackerError(f"the W&B process did not answer within {timeout + _GRACE:.0f} s "
+                                       f"({setting}={timeout:g} plus {_GRACE:g} s) and was stopped")
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 self._gone()
@@ -203,7 +218,7 @@ def _let_go(conn: Connection, proc: subprocess.Popen,
     with contextlib.suppress(OSError):
         conn.close()
     try:
-        proc.wait(timeout=finish_timeout + 60)
+        proc.wait(timeout=finish_timeout + _GRACE)
     except subprocess.TimeoutExpired:
         proc.kill()
 

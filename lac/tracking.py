@@ -36,7 +36,9 @@ Runs and jobs
   ``wandb sync <folder>`` command that uploads it later.
 * Guards against hanging: ``init_timeout`` (``tracker.init_timeout``, default 60 s),
   ``finish_timeout`` (``tracker.finish_timeout``, default 600 s: after that the
-  data stays on disk for ``wandb sync``), system-metrics sampling off. If an
+  data stays on disk for ``wandb sync``), system-metrics sampling off; W&B's own
+  process (``tracker.process``) silent for 60 s past these is killed, and the job
+  ends with a TrackerError (its results safe, its run logged by the next run). If an
   online ``wandb.init`` fails (server unreachable), the job goes on with an
   offline run (logged as a warning, with its sync command), and later jobs in
   the same process go straight to offline.

@@ -727,6 +727,29 @@ def test_a_w_and_b_process_killed_mid_run_is_one_tracker_error_naming_what_is_ke
     assert not store.tracked("lac-k")
 
 
+def test_a_hung_w_and_b_process_is_stopped_not_waited_on_for_ever(tmp_path, monkeypatch):
+    """A child that stops answering (a wandb finish stuck past its own finish_timeout; here SIGSTOP)
+    is killed after tracker.finish_timeout plus a grace period, and the job gets one TrackerError."""
+    import signal
+
+    from lac.tracker_process import RemoteTracker
+
+    monkeypatch.setattr(lac.tracker_process, "_GRACE", 1.0)
+    remote = RemoteTracker()
+    remote.begin(tcfg(finish_timeout=1), run_id=run_id_for("hung", tcfg()), config=job_config(),
+                 run_dir=tmp_path, name="j")
+    remote.result()
+    os.kill(remote._proc.pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(TrackerError, match=r"did not answer within 2 s \(tracker.finish_timeout=1 plus 1 s\) "
+                                           r"and was stopped"):
+        remote.log_results(results_df(), summarize(results_df()))
+    assert 1.5 < time.monotonic() - t0 < 30
+    assert remote._proc.poll() == -signal.SIGKILL
+    remote.finish(exit_code=1)  # let go already: nothing to finish, nothing raised
+    assert lac.tracker_process._spare is None or lac.tracker_process._spare.proc is not remote._proc
+
+
 def test_a_run_the_child_cannot_start_is_a_tracker_error_here(tmp_path, monkeypatch):
     """start_tracker's own error (here: online without an API key) comes back as a TrackerError
     naming it; the child has exited and finishing it afterwards does nothing."""
