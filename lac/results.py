@@ -302,11 +302,22 @@ class JobStore:
         atomic_write_json(self.dir / "done.json", {"key": self.key, "rows": len(df),
                                                    "files": {n: _sha(d) for n, d in files.items()}})
 
-    def publish(self) -> None:
-        """Swap a finished staging folder in for the old results (rerun=true). Between the two
-        renames no folder holds the key, so a crash there means recompute, never stale results."""
+    @property
+    def reruns(self) -> int:
+        """How many `rerun=true` jobs replaced this key's results (`rerun.json`; 0 without one)."""
+        try:
+            return int(json.loads((self.dir / "rerun.json").read_text())["reruns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def publish(self, reruns: int = 0) -> None:
+        """Swap a finished staging folder in for the old results (rerun=true), recording how many reruns
+        the results are. Between the two renames no folder holds the key, so a crash there means
+        recompute, never stale results."""
         if self.dir == self.final_dir:
             return
+        if reruns:
+            atomic_write_json(self.dir / "rerun.json", {"reruns": reruns})
         old = self.root / f".old-{self.key}-{os.getpid()}"
         if self.final_dir.exists():
             os.replace(self.final_dir, old)

@@ -632,9 +632,13 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
     final = JobStore(Path(cfg.results_root), key)
     config = OmegaConf.to_container(cfg, resolve=True)
     t0 = time.time()
-    run_id, name = run_id_for(key, cfg.tracker), f"{cfg.model.name}-{spec.grid.name}-{key[:8]}"
     pending = None
     with _full_disk_is_one_line(final.dir), final.lock(timeout=float(cfg.engine.get("lock_timeout", -1))):
+        # a rerun of finished results is a W&B run of its own (`-r1`, `-r2` ...): under the first run's id
+        # (resume="allow") its history would be appended to the old run's
+        reruns = final.reruns + (1 if rerun and final.done else 0)
+        run_id = run_id_for(key, cfg.tracker) + (f"-r{reruns}" if reruns else "")
+        name = f"{cfg.model.name}-{spec.grid.name}-{key[:8]}" + (f"-rerun{reruns}" if reruns else "")
         if not rerun and final.done:
             log.info("job %s already finished in %s: reusing its results", key, final.dir)
             summary = json.loads((final.dir / "summary.json").read_text())
@@ -651,7 +655,7 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
                 store.discard_if_empty()
                 early.abandon()
                 raise
-            store.publish()
+            store.publish(reruns)
         _copy_into(job_dir, final)
         _track(cfg, final, run_id, job_dir, name, config, pending)
     print(format_table(summary["summary"]))

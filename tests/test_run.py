@@ -114,6 +114,26 @@ def test_rerun_of_a_finished_job_loads_no_model(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def test_a_rerun_is_a_w_and_b_run_of_its_own(tmp_path):
+    """rerun=true of a logged job logs under `<run id>-r1`: under the first run's id (resume="allow")
+    W&B would append the rerun's history to the old run's. A later plain run reuses the rerun and logs
+    nothing more."""
+    lac_run(tmp_path, "layer=6", "site=p_last")
+    first = find_runs(tmp_path)
+    assert len(first) == 1
+    lac_run(tmp_path, "layer=6", "site=p_last", "rerun=true")
+    log = lac_run(tmp_path, "layer=6", "site=p_last")
+    assert "already finished" in log
+    runs = [read_run(r) for r in find_runs(tmp_path)]
+    assert len(runs) == 2
+    old, new = sorted(runs, key=lambda r: len(r.run["id"]))
+    assert new.run["id"] == old.run["id"] + "-r1" and new.run["name"] == old.run["name"] + "-rerun1"
+    assert len(new.history) == len(old.history) > 0 and new.exit_code == old.exit_code == 0
+    (store,) = [p for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")]
+    assert json.loads((store / "rerun.json").read_text()) == {"reruns": 1}
+    assert [p.stem for p in (store / "tracked").glob("*.json")] == [new.run["id"]]
+
+
 def _part_cells(store: Path) -> list[tuple[str, str]]:
     """(job key, cell) of every result part written so far."""
     cells = []
