@@ -979,6 +979,23 @@ def test_cli_wandb_offline_writes_a_run(multirun: Path, wandb_env: Path, monkeyp
     )
 
 
+def test_cli_wandb_after_an_earlier_run_in_the_process_still_honours_wandb_dir(
+        multirun: Path, wandb_env: Path, tmp_path: Path, monkeypatch):
+    """wandb reads WANDB_DIR once per process: a notebook that ran a job's run in-process first
+    (here without WANDB_DIR) must still get its report run under the WANDB_DIR it sets now."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR")
+    first = tmp_path / "first"
+    wandb.init(project="lac-test", dir=str(first), mode="offline", reinit="create_new").finish()
+    monkeypatch.setenv("WANDB_DIR", str(wandb_env))
+    monkeypatch.chdir(tmp_path)
+    assert report.main([str(multirun), "--wandb"]) == 0
+    assert len(list(wandb_env.rglob("*.wandb"))) == 1
+    assert len(list(first.rglob("*.wandb"))) == 1 and not (tmp_path / "wandb").exists()
+
+
 def test_figure_names_keep_dots_in_model_names(tmp_path):
     """qwen0.5: the stem's '.5_...' must not be taken for a file suffix."""
     import matplotlib.pyplot as plt

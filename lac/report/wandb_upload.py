@@ -80,6 +80,8 @@ def upload_to_wandb(
     """Tables (wandb.Table) and figures (wandb.Image) in one run, job_type "report"."""
     import wandb  # lazily: only --wandb pays for it
 
+    from lac.tracking import wandb_dir
+
     tracker = tracker or {}
     kwargs: dict[str, Any] = {
         "project": os.environ.get("WANDB_PROJECT") or tracker.get("project") or "lac",
@@ -90,8 +92,9 @@ def upload_to_wandb(
     }
     if tracker.get("entity") and not os.environ.get("WANDB_ENTITY"):
         kwargs["entity"] = tracker["entity"]
-    if not os.environ.get("WANDB_DIR"):
-        kwargs["dir"] = str(out_dir)
+    # always explicit: wandb reads WANDB_DIR once per process, so after an earlier run in this process
+    # (a notebook's job with tracker.process=false) a changed or new WANDB_DIR would be ignored
+    kwargs["dir"] = str(wandb_dir(out_dir))
     mode = wandb_mode()
     if mode:
         kwargs["mode"] = mode
