@@ -31,6 +31,7 @@ from lac.io import unwritable
 from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
 from lac.numerics import NUMERICS_VERSION
 from lac.prompts import bare_messages
+from lac.schema import partner_label
 from lac.sites import SITES, check_sites
 
 MODES = ("kl", "markers")
@@ -189,9 +190,12 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
     elif icfg.get("partner") is not None:
         raise ConfigError(f"intervention.partner is set but {name} swaps nothing; allowed with: swap")
     try:
-        return get_intervention(name, grid, factor, alpha), grid
+        iv = get_intervention(name, grid, factor, alpha)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if name == "swap":
+        iv.partner = partner_label(rule)
+    return iv, grid
 
 
 # keys every model config has (null allowed where noted in conf/model/local.yaml)

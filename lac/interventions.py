@@ -48,6 +48,7 @@ class Intervention:
     reads_xy_trace: bool = False  # needs clean XY's trace (residuals after the span, K/V)
     from_span: bool = False  # re-runs the host from the persona span's end
     attention: bool = False  # edits attention: eager attention only
+    partner: str = ""  # swap: its partner rule, as its rows record it (lac.schema.partner_label)
 
     def __init__(self, grid: Grid | None = None, factor: str = "persona", alpha: float | None = None):
         self.grid = grid or _PAPER_SHAPE

@@ -37,7 +37,8 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 
     df = pd.DataFrame(list(rows), columns=[c for c in COLUMNS if c != "schema"])
-    df["factor"] = ["" if not isinstance(v, str) else v for v in df["factor"]]  # "": about the whole design
+    for col in ("factor", "partner"):  # "": about the whole design / no swap partner
+        df[col] = ["" if not isinstance(v, str) else v for v in df[col]]
     df["schema"] = SCHEMA_VERSION
     return df.astype(COLUMNS)
 
@@ -268,8 +269,10 @@ class JobStore:
             try:
                 info = json.loads(meta.read_text())
                 df = pd.read_parquet(io.BytesIO(read_checked(p, info.get("sha256"))))
-                if set(df.columns) != set(COLUMNS) or info.get("rows") != len(df):
-                    raise ValueError("columns or row count do not match its record")
+                if set(df.columns) != set(COLUMNS):
+                    raise ValueError(f"written under another results schema (this lac writes schema {SCHEMA_VERSION})")
+                if info.get("rows") != len(df):
+                    raise ValueError("its row count does not match its record")
             except Exception as e:  # a part we cannot trust is recomputed, never used
                 log.warning("dropping unreadable result part %s (%s); its cells will be recomputed", p, e)
                 p.unlink(missing_ok=True)

@@ -110,19 +110,20 @@ def _max_positions(mcfg: DictConfig, tok) -> int:
 
 
 def _row(cell: Cell, site: str, layers: Sequence[int], intervention: str, metric: str, value: float, ctx: dict,
-         *, factor: str = "", alpha: float | None = None) -> dict:
+         *, factor: str = "", alpha: float | None = None, partner: str = "") -> dict:
     return {
         **ctx, "cell": cell.key, "persona": cell.persona, "task": cell.task, "site": site,
         "layer": max(layers) if layers else -1, "layers": ",".join(map(str, layers)),
         "intervention": intervention, "metric": metric, "value": float(value),
-        "factor": factor, "alpha": float("nan") if alpha is None else float(alpha),
+        "factor": factor, "alpha": float("nan") if alpha is None else float(alpha), "partner": partner,
     }
 
 
 def _about(iv: Intervention) -> dict:
-    """The factor column (and alpha) of an intervention's rows: "" for those about the whole design."""
+    """The factor, alpha and partner columns of an intervention's rows: factor "" for those about the
+    whole design."""
     whole = iv.name in WHOLE_DESIGN
-    return {"factor": "" if whole else iv.factor, "alpha": iv.alpha}
+    return {"factor": "" if whole else iv.factor, "alpha": iv.alpha, "partner": iv.partner}
 
 
 def _capture_plan(spec: Spec):

@@ -6,8 +6,10 @@ the runner, the tracker and the report cannot drift apart.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2  # 2 added `factor` and `alpha` (designs beyond "As X, Y"); schema-1 files read with "" / NaN
-READABLE_SCHEMAS = (1, 2)
+# 2 added `factor` and `alpha` (designs beyond "As X, Y"), 3 `partner` (swap's partner rule); files of
+# older schemas read with the defaults of the columns they lack (OLDER_DEFAULTS)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 
 # column -> pandas dtype
 COLUMNS: dict[str, str] = {
@@ -26,8 +28,13 @@ COLUMNS: dict[str, str] = {
     "value": "float64",
     "factor": "string",  # the factor or subset ("persona+format") a row is about; "" for the whole design
     "alpha": "float64",  # steer / steer_host dose; NaN for every other intervention
+    "partner": "string",  # swap's partner rule: next | same | "a>b,b>a" (a mapping); "" for every other
     "schema": "int64",  # SCHEMA_VERSION
 }
+
+OLDER_DEFAULTS = {"factor": "", "alpha": float("nan"), "partner": ""}  # what a row of an older schema lacks
+SWAP = "swap"
+DEFAULT_PARTNER = "next"
 
 GEOMETRY_METRICS = ("cos_xy_sum", "cos_x_y", "inter_ratio")  # 2 factors (the paper)
 DESIGN_METRICS = ("cos_all_sum", "inter_ratio", "cos_pair", "inter_share")  # k >= 3 factors
@@ -39,12 +46,24 @@ ATTENTION = "attention"
 ATTENTION_METRICS = ("attn_persona", "attn_persona_max", "attn_persona_window", "attn_persona_window_max")
 
 
-def condition_label(intervention: str, factor: str | None) -> str:
+def condition_label(intervention: str, factor: str | None, partner: str | None = None) -> str:
     """The name an intervention's rows are shown and summarised under: with the factor it acted on when
-    that is not the persona (remove_x[task], knockout_persona[format]), so jobs on different factors are
-    never pooled or read as the paper's persona interventions. Idempotent; rows keep their own columns."""
+    that is not the persona (remove_x[task], knockout_persona[format]), and for swap with a partner rule
+    other than `next` (swap(partner=same)), so jobs on different factors or rules are never pooled or read
+    as the paper's persona interventions. Idempotent; rows keep their own columns."""
     f = factor if isinstance(factor, str) else ""
-    if (not f or f == "persona" or intervention in (DECOMPOSITION, ATTENTION)
-            or intervention.endswith((f"_{f}", f"[{f}]"))):
-        return intervention
-    return f"{intervention}[{f}]"
+    p = partner if isinstance(partner, str) else ""
+    label = intervention
+    if not (not f or f == "persona" or intervention in (DECOMPOSITION, ATTENTION)
+            or intervention.endswith((f"_{f}", f"[{f}]")) or f"[{f}](" in intervention):
+        label = f"{intervention}[{f}]"
+    if p and p != DEFAULT_PARTNER and intervention.split("[")[0] == SWAP and not label.endswith(")"):
+        label = f"{label}(partner={p})"
+    return label
+
+
+def partner_label(rule: object) -> str:
+    """swap's partner rule as one string for its rows: next | same | a mapping as "a>b,b>a" (sorted)."""
+    if isinstance(rule, dict):
+        return ",".join(f"{k}>{v}" for k, v in sorted((str(k), str(v)) for k, v in rule.items()))
+    return str(rule)

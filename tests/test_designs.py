@@ -345,6 +345,22 @@ def test_bad_factors_are_clear_errors(tmp_path):
         load_grid(path)
 
 
+def test_swap_rows_record_their_partner_rule():
+    """The rule is part of every swap row (`partner`), so two swap jobs with different rules are two
+    conditions in a report; every other intervention's rows hold ""."""
+    from lac.config import build_spec
+    from lac.runner import _about
+    from tests.conftest import compose
+
+    for rule, label in (("next", "next"), ("same", "same"),
+                        ("{yoda:marx,marx:buffett,buffett:angelou,angelou:yoda}",
+                         "angelou>yoda,buffett>angelou,marx>buffett,yoda>marx")):
+        (iv,) = build_spec(compose(["intervention=swap", f"intervention.partner={rule}"])).interventions
+        assert _about(iv) == {"factor": "persona", "alpha": None, "partner": label}
+    (iv,) = build_spec(compose(["intervention=remove"])).interventions
+    assert _about(iv)["partner"] == ""
+
+
 def test_bad_intervention_values_are_clear_errors():
     from lac.config import ConfigError, build_spec
     from tests.conftest import compose

@@ -90,6 +90,7 @@ def test_steer_and_swap_jobs_through_the_cli(tmp_path):
     swap = df[df.intervention == "swap"]
     assert set(swap.metric) == {"marker_any", "marker_distinct", "marker_any_partner", "marker_distinct_partner"}
     assert set(swap.factor) == {"persona"} and len(swap) == 4 * 2
+    assert set(swap.partner) == {"next"} and set(df[df.intervention != "swap"].partner) == {""}
     gens = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert sorted({g["condition"] for g in gens}) == ["bare", "clean", "swap"]
     from lac.markers import score

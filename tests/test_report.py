@@ -584,11 +584,20 @@ def test_cli_out_option_and_duplicate_rows(tmp_path: Path, capsys):
     assert len(kept) == len(df) and kept[kept.metric == "kl"].value.sum() == pytest.approx(changed[changed.metric == "kl"].value.sum())
     assert "intervention.partner" not in said  # no swap rows: that cause is not named
 
-    swap = frame([dict(r, factor="persona") for r in rows("m", OTHER, "short", "p_last", "10", "swap", "kl", kl_values(7))])
+    swap = frame([dict(r, factor="persona", partner="next")
+                  for r in rows("m", OTHER, "short", "p_last", "10", "swap", "kl", kl_values(7))])
     write_job(tmp_path / "s1" / "0", swap)
-    write_job(tmp_path / "s2" / "0", swap.assign(value=swap.value * 2))  # another partner rule
+    write_job(tmp_path / "s2" / "0", swap.assign(value=swap.value * 2, partner="same"))  # another partner rule
     assert report.main([str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "rs")]) == 0
-    assert "swap jobs with different intervention.partner rules" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "duplicated" not in said  # schema 3 rows record the rule: two conditions, nothing dropped
+    assert len(pd.read_parquet(tmp_path / "rs" / "results.parquet")) == 2 * len(swap)
+    old = swap.drop(columns="partner").assign(schema=2)  # written before lac recorded the rule
+    write_job(tmp_path / "o1" / "0", old, {"schema": 2})
+    write_job(tmp_path / "o2" / "0", old.assign(value=old.value * 2), {"schema": 2})
+    assert report.main([str(tmp_path / "o1"), str(tmp_path / "o2"), "--out", str(tmp_path / "ro")]) == 0
+    assert "swap jobs with different intervention.partner rules written before lac recorded the rule" in (
+        capsys.readouterr().out)
 
 
 def test_report_out_never_overwrites_a_job_and_leaves_nothing_stale(tmp_path: Path, capsys):
@@ -676,7 +685,7 @@ def test_missing_schema_column_is_refused(tmp_path: Path):
 
 def test_summary_schema_mismatch_is_refused(tmp_path: Path):
     d = write_job(tmp_path / "j", sweep_frame("m", OTHER, "short"), {"schema": 7})
-    with pytest.raises(report.SchemaError, match=r"schema 7.*reads schemas \(1, 2\) only"):
+    with pytest.raises(report.SchemaError, match=r"schema 7.*reads schemas \(1, 2, 3\) only"):
         report.load_results([d])
 
 

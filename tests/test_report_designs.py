@@ -37,15 +37,15 @@ PAIRS = ("persona+task", "persona+format", "task+format")
 
 
 def rows(grid: str, site: str, layers: str, intervention: str, metric: str, values, *,
-         factor: str = "", alpha: float = math.nan, cells=CELLS) -> list[dict]:
-    """One schema-2 row per cell, values in cell order."""
+         factor: str = "", alpha: float = math.nan, partner: str = "", cells=CELLS) -> list[dict]:
+    """One row per cell, values in cell order."""
     values = list(values)
     assert len(values) == len(cells)
     return [
         {"model": MODEL, "model_id": MODEL_ID, "grid": grid, "cell": f"{p}__{t}", "persona": p, "task": t,
          "site": site, "layer": int(layers.split(",")[-1]) if layers else -1, "layers": layers,
          "intervention": intervention, "metric": metric, "value": float(v), "factor": factor,
-         "alpha": float(alpha), "schema": SCHEMA_VERSION}
+         "alpha": float(alpha), "partner": partner, "schema": SCHEMA_VERSION}
         for (p, t), v in zip(cells, values, strict=True)
     ]
 
@@ -230,6 +230,31 @@ def test_swap_table_columns_and_cells():
     assert t.frame[t.frame.layers == "2"].iloc[0]["markers of X"] == "–"
     (plain,) = designs.swap_tables(swap_frame(markers=False))
     assert "markers of X" not in plain.frame.columns
+
+
+def test_swap_jobs_of_other_factors_or_partner_rules_are_never_pooled():
+    """swap on the persona (rule next), on the persona (rule same) and on the task: the main KL tables,
+    the coverage and the designs section keep three conditions, each with its own cells' median; the
+    report's duplicate check sees no row measured twice (the rule is part of a row)."""
+    from lac.report.loading import drop_duplicate_rows
+    from lac.report.tables import build_tables
+
+    jobs = {("persona", "next"): 1.0, ("persona", "same"): 0.0, ("task", "next"): 100.0}
+    df = frame([r for (f, p), v in jobs.items() for m in ("kl", "kl_partner")
+                for r in rows("short", "p_last", "6", "swap", m, [v] * len(CELLS), factor=f, partner=p)])
+    kept, n_dup, n_differ = drop_duplicate_rows(df)
+    assert (len(kept), n_dup, n_differ) == (len(df), 0, 0)
+    rep = build_tables(df, depths={})
+    tables = {t.title: t for _, ts in rep.sections for t in ts}
+    for label, v in (("swap", 1.0), ("swap(partner=same)", 0.0), ("swap[task]", 100.0)):
+        kl = tables[f"Causal KL, {label}, grid `short`"].frame
+        assert kl["L6"].tolist() == [fmt_iqr(v, v, v)]
+    assert sorted(tables["Present combos (cells per layer)"].frame["intervention"]) == [
+        "swap", "swap(partner=same)", "swap[task]"]
+    for title, v in ((f"Swap (persona), {MODEL}, grid `short`", 1.0),
+                     (f"Swap (persona, partner=same), {MODEL}, grid `short`", 0.0),
+                     (f"Swap (task), {MODEL}, grid `short`", 100.0)):
+        assert tables[title].frame["KL to XY"].tolist() == [fmt_iqr(v, v, v)]
 
 
 # --------------------------------------------------------------------------- k-factor grids

@@ -73,16 +73,18 @@ def _host_key(intervention: str, layers: str) -> tuple:
     return (i, intervention, n, layers_key(layers))
 
 
-BY_FACTOR = ("steer", "steer_host", "swap")  # the designs section splits these by factor itself
+BY_FACTOR = ("steer", "steer_host")  # the designs section splits these by factor itself (no other table has them)
 
 
 def label_conditions(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows whose intervention acted on a factor other than the persona renamed remove_x[task] and so on
-    (lac.schema.condition_label), so no table pools them with the persona's or sets them beside the paper's."""
+    """Rows whose intervention acted on a factor other than the persona renamed remove_x[task] and so on,
+    and swap rows of a partner rule other than `next` swap(partner=same) (lac.schema.condition_label), so
+    no table pools them with the persona's (or the default rule's) or sets them beside the paper's."""
     if df.empty or "factor" not in df:
         return df
-    labels = [i if i in BY_FACTOR else condition_label(str(i), f if isinstance(f, str) else "")
-              for i, f in zip(df["intervention"], df["factor"], strict=True)]
+    partners = df["partner"] if "partner" in df else [""] * len(df)
+    labels = [i if i in BY_FACTOR else condition_label(str(i), f if isinstance(f, str) else "", p)
+              for i, f, p in zip(df["intervention"], df["factor"], partners, strict=True)]
     return df.assign(intervention=pd.Series(labels, index=df.index, dtype=df["intervention"].dtype))
 
 

@@ -165,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (the same model, grid "
               f"name, cell, site, layer and intervention measured twice: before and after a change, or two grids "
               f"with one name, which grid.name=... tells apart"
-              + ("; or swap jobs with different intervention.partner rules, which results do not record: "
-                 "report those separately" if (raw["intervention"] == "swap").any() else "")
+              + ("; or swap jobs with different intervention.partner rules written before lac recorded the rule "
+                 "(results schema < 3): report those separately"
+                 if ((raw["intervention"] == "swap") & (raw["partner"] == "")).any() else "")
               + "); kept the last")
     if n_dup > n_differ:
         print(f"lac.report: {n_dup - n_differ} duplicated row(s) with equal values (the same cell in two jobs) "

@@ -24,12 +24,11 @@ from lac.report._common import DASH, _grid_key, _site_key, fmt, fmt_iqr, model_l
 from lac.report.loading import write_text
 from lac.report.mechanism import _slug
 from lac.report.tables import Table
-from lac.schema import DECOMPOSITION
+from lac.schema import DECOMPOSITION, DEFAULT_PARTNER, SWAP
 from lac.stats import describe, layers_key
 
 DESIGNS_SECTION = 'Designs beyond "As X, Y"'
 DOSE_INTERVENTIONS = ("steer", "steer_host")
-SWAP = "swap"
 K_FACTOR_METRICS = ("cos_all_sum", "cos_pair", "inter_share")  # written only for grids of k >= 3 factors
 LINTHRESH = 1e-3  # symlog KL axis: linear near 0 (steer at alpha = 1 is clean), log above
 CSV_FILES = {"dose_response": "dose_response.csv", "swap": "swap.csv", "interaction": "interaction_share.csv"}
@@ -51,7 +50,9 @@ WRITES = {
 def _prepared(df: pd.DataFrame, mask: pd.Series) -> pd.DataFrame:
     """The selected rows with `factor` as plain text (older frames may hold <NA> there)."""
     sel = df[mask]
-    return sel.assign(factor=sel["factor"].fillna("").astype(str), layers=sel["layers"].fillna("").astype(str))
+    partner = sel["partner"].fillna("").astype(str) if "partner" in sel else ""
+    return sel.assign(factor=sel["factor"].fillna("").astype(str), layers=sel["layers"].fillna("").astype(str),
+                      partner=partner)
 
 
 def has_doses(df: pd.DataFrame) -> bool:
@@ -207,20 +208,19 @@ def dose_response_figures(df: pd.DataFrame) -> list[tuple[str, str, Any]]:
 # --------------------------------------------------------------------------- swap
 
 
-SWAP_KEYS = ["model", "model_id", "grid", "site", "factor", "layers"]
+SWAP_KEYS = ["model", "model_id", "grid", "site", "factor", "partner", "layers"]
 SWAP_METRICS = ("kl", "kl_partner")
 SWAP_MARKERS = {"marker_any": "X", "marker_any_partner": "X'"}
 
 
 def swap_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """swap per (model, grid, site, factor, layers): cells; KL to XY (`kl_*`) and to X'Y
+    """swap per (model, grid, site, factor, partner rule, layers): cells; KL to XY (`kl_*`) and to X'Y
     (`kl_partner_*`), median / p25 / p75 over cells; marker_any rates of X and of X' (NaN without
     markers rows) with the cells they were counted over."""
     cols = [*SWAP_KEYS, "cells"]
     cols += [f"{m}_{s}" for m in SWAP_METRICS for s in ("n", "median", "p25", "p75")]
     cols += ["marker_cells", *(f"{m}_{s}" for m in SWAP_MARKERS for s in ("rate", "hits"))]
-    sel = _prepared(df, (df["intervention"] == SWAP)
-                    & df["metric"].isin((*SWAP_METRICS, *SWAP_MARKERS)))
+    sel = _prepared(df, is_swap(df["intervention"]) & df["metric"].isin((*SWAP_METRICS, *SWAP_MARKERS)))
     rows = []
     for key, g in sel.groupby(SWAP_KEYS, sort=False, dropna=False):
         row: dict[str, Any] = {**dict(zip(SWAP_KEYS, key, strict=True)), "cells": int(g["cell"].nunique())}
@@ -232,7 +232,14 @@ def swap_summary(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_rate"], row[f"{m}_hits"] = _rate(v), int((v >= 0.5).sum()) if len(v) else pd.NA
         rows.append(row)
     out = pd.DataFrame(rows, columns=cols).astype({f"{m}_hits": "Int64" for m in SWAP_MARKERS})
-    return _sorted(out, lambda r: (*_model_key(r), r["factor"], layers_key(r["layers"])))
+    return _sorted(out, lambda r: (*_model_key(r), r["factor"], r["partner"] != DEFAULT_PARTNER, r["partner"],
+                                   layers_key(r["layers"])))
+
+
+def is_swap(intervention: pd.Series) -> pd.Series:
+    """swap's rows, whether named `swap` or labelled with their factor / partner rule (swap[task](partner=same))."""
+    s = intervention.astype(str)
+    return (s == SWAP) | s.str.startswith((f"{SWAP}[", f"{SWAP}("))
 
 
 def _marker_cell(rate: float, hits: Any, cells: int) -> str:
@@ -246,7 +253,8 @@ def swap_tables(df: pd.DataFrame) -> list[Table]:
         return []
     labels = model_labels(s)
     out = []
-    for (model, model_id, grid, factor), g in s.groupby(["model", "model_id", "grid", "factor"], sort=False):
+    for (model, model_id, grid, factor, partner), g in s.groupby(["model", "model_id", "grid", "factor", "partner"],
+                                                                  sort=False):
         frame = pd.DataFrame({
             "site": g["site"].astype(str).to_list(),
             "layers": g["layers"].astype(str).to_list(),
@@ -264,8 +272,11 @@ def swap_tables(df: pd.DataFrame) -> list[Table]:
             notes.append("markers of X / X': marker_any rate over cells (cells with a marker / cells) "
                          "in the swapped generations, scored with the markers of X and with those of X'.")
         label = labels[(str(model), str(model_id))]
-        out.append(Table(f"Swap ({factor}), {label}, grid `{grid}`", frame, notes,
-                         key=_key(f"swap_{factor}_{model}_{grid}")))
+        rule = "" if partner in ("", DEFAULT_PARTNER) else f", partner={partner}"
+        if rule:
+            notes.append(f"partner rule {partner} (intervention.partner); the default is next.")
+        out.append(Table(f"Swap ({factor}{rule}), {label}, grid `{grid}`", frame, notes,
+                         key=_key(f"swap_{factor}_{model}_{grid}" + (f"_{partner}" if rule else ""))))
     return out
 
 

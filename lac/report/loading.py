@@ -22,7 +22,7 @@ from lac.report._common import (
     SUMMARY_FILE,
     _norm_layers,
 )
-from lac.schema import COLUMNS, READABLE_SCHEMAS, SCHEMA_VERSION
+from lac.schema import COLUMNS, OLDER_DEFAULTS, READABLE_SCHEMAS, SCHEMA_VERSION
 
 
 class SchemaError(ValueError):
@@ -181,8 +181,8 @@ def load_results(
                 f"{f}: schema {shown}{written_by}; "
                 f"this lac {lac.__version__} reads schemas {READABLE_SCHEMAS} only"
             )
-        if (col == 1).all():  # schema 1 had no factor / alpha: every row is about the whole 2x2
-            df = df.assign(factor="", alpha=float("nan"), schema=SCHEMA_VERSION)
+        if (col < SCHEMA_VERSION).all():  # an older schema: the columns it lacks get their defaults
+            df = df.assign(**{c: v for c, v in OLDER_DEFAULTS.items() if c not in df.columns}, schema=SCHEMA_VERSION)
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
             raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
