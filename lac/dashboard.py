@@ -331,6 +331,8 @@ def plan(keys: Keys, x: str = "frac") -> list[tuple[str, list[dict[str, Any]]]]:
         bar("mean distinct markers by condition", [f"markers/{c}/distinct_mean" for c in _order(
             (k.split("/")[1] for k in keys.summary if re.fullmatch(r"markers/[^/]+/distinct_mean", k)),
             MARKER_CONDITIONS)]),
+        bar("swap: any-marker rate of the partner persona X'", [  # the same texts, scored with X''s markers
+            k for k in sorted(keys.summary) if re.fullmatch(r"markers/[^/]+/any_rate_partner", k)]),
     ) if p]
     host = [p for iv in HOSTS for site in _order(
         (k.split("/")[1] for k in keys.summary if re.fullmatch(rf"kl/[^/]+/{iv}/median", k)), SITES)
@@ -365,7 +367,7 @@ _KNOWN = [
         r"kl/[^/]+/(L[0-9+]+|none)/[^/]+/[^/]+",  # per-layer / per-set summary keys
         r"kl/[^/]+/[^/]+/[^/]+",  # layer-free KL (shown by layer in history, or as host/controls)
         rf"({'|'.join((*GEOMETRY_METRICS, *ATTENTION_METRICS))})/[^/]+(/L\d+)?/[^/]+",
-        r"markers/[^/]+/(any_rate|distinct_mean)",
+        r"markers/[^/]+/(any_rate|distinct_mean)(_partner)?",
         rf"{HISTORY}/.*", r"layer", r"layer_frac", r"results", r"generations",
     )
 ]

@@ -69,7 +69,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
             for (metric, site, layer), g in sorted(att.groupby(["metric", "site", "layer"], sort=False),
                                                    key=lambda t: (ATTENTION_METRICS.index(t[0][0]), t[0][1], t[0][2]))
         ]
-    mk = df[df.metric.isin(["marker_any", "marker_distinct"])]
+    mk = df[df.metric.isin(["marker_any", "marker_distinct", "marker_any_partner", "marker_distinct_partner"])]
     for iv, g in mk.groupby("intervention", sort=False):
         any_ = g[g.metric == "marker_any"]
         dist = g[g.metric == "marker_distinct"]
@@ -79,7 +79,13 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
             "cells": int(len(any_)),
             "distinct_mean": float(dist.value.mean()),
             "per_persona": {p: int(v) for p, v in any_.groupby("persona").value.sum().items()},
+            **_dose(g),
         }
+        partner = g[g.metric == "marker_any_partner"]  # swap: the same texts scored with X''s markers
+        if len(partner):
+            out["markers"][iv] |= {"any_rate_partner": float(partner.value.mean()),
+                                   "any_cells_partner": int(partner.value.sum()),
+                                   "distinct_mean_partner": float(g[g.metric == "marker_distinct_partner"].value.mean())}
     return out
 
 
@@ -106,8 +112,9 @@ def summary_keys(summary: dict[str, Any]) -> dict[str, float]:
         for s in ("median", "p25", "p75"):
             flat[f"{r['metric']}/{r['site']}/L{r['layer']}/{s}"] = r[s]
     for iv, r in summary.get("markers", {}).items():
-        flat[f"markers/{iv}/any_rate"] = r["any_rate"]
-        flat[f"markers/{iv}/distinct_mean"] = r["distinct_mean"]
+        for k in ("any_rate", "distinct_mean", "any_rate_partner", "distinct_mean_partner"):
+            if k in r:
+                flat[f"markers/{iv}/{k}"] = r[k]
     return flat
 
 
@@ -154,10 +161,15 @@ def format_table(summary: dict[str, Any]) -> str:
                 cells.append(f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]" if r else "-")
             lines.append(f"{site:<12} {layer:<6} " + " ".join(f"{c:>30}" for c in cells))
     if summary.get("markers"):
-        w = max(12, *map(len, summary["markers"]))  # knockout_persona_from is 21 wide
+        names = {iv: f"{iv} a={r['alpha']:g}" if "alpha" in r else iv for iv, r in summary["markers"].items()}
+        w = max(14, *map(len, names.values()))  # knockout_persona_from is 21 wide
         lines.append(f"{'condition':<{w}} {'any-marker rate':>16} {'cells':>9} {'mean distinct':>14}")
         for iv, r in summary["markers"].items():
-            lines.append(f"{iv:<{w}} {r['any_rate']:>16.3f} {r['any_cells']:>4}/{r['cells']:<4} {r['distinct_mean']:>14.2f}")
+            lines.append(f"{names[iv]:<{w}} {r['any_rate']:>16.3f} {r['any_cells']:>4}/{r['cells']:<4} "
+                         f"{r['distinct_mean']:>14.2f}")
+            if "any_rate_partner" in r:  # swap: the markers of the partner persona X' in the same texts
+                lines.append(f"{'  of partner':<{w}} {r['any_rate_partner']:>16.3f} {r['any_cells_partner']:>4}/"
+                             f"{r['cells']:<4} {r['distinct_mean_partner']:>14.2f}")
     return "\n".join(lines)
 
 

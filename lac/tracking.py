@@ -54,7 +54,7 @@ What a run holds
   The requested config value ``layer`` ("paper", a list ...) is kept as
   ``layer_requested`` when it differs.
 * summary: :func:`lac.results.summary_keys` - ``kl/{site}/L{layers}/{intervention}/{stat}``,
-  ``{geometry metric}/{site}/L{layer}/{stat}``, ``markers/{condition}/any_rate`` ... -
+  ``{geometry metric}/{site}/L{layer}/{stat}``, ``markers/{condition}/any_rate`` (swap: also ``any_rate_partner``) ... -
   and, for a job whose KL rows have a single layer (set), the same numbers
   without the layer: ``kl/{site}/{intervention}/{stat}`` and
   ``{geometry metric}/{site}/{stat}`` (stats: median, p25, p75; KL also min, max).

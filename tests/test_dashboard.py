@@ -153,6 +153,17 @@ def test_online_keys_build_panels_from_the_runs(monkeypatch):
     assert [p["y"] for p in sections["Markers"]] == [["markers/clean/any_rate"]]
 
 
+def test_swap_partner_marker_rates_get_their_own_bar():
+    keys = dashboard.Keys(history={"layer"}, config={"model"},
+                          summary={"markers/swap/any_rate", "markers/swap/any_rate_partner",
+                                   "markers/swap/distinct_mean_partner", "markers/clean/any_rate"})
+    sections = dict(dashboard.plan(keys))
+    assert [p["y"] for p in sections["Markers"]] == [["markers/clean/any_rate", "markers/swap/any_rate"],
+                                                     ["markers/swap/any_rate_partner"]]
+    assert "Other results" not in sections or not any(
+        "markers/" in str(p["y"]) for p in sections["Other results"])
+
+
 def test_new_keys_get_panels_in_other_results():
     keys = dashboard.Keys(history={"layer", "layer_frac", "by_layer/steer/p_last/median"},
                           summary={"mechanism/p_last/ablation_kl", "kl/p_last/L4/additive/median"},

@@ -100,3 +100,31 @@ def test_markers_table_columns_line_up_for_long_condition_names():
     col = header.index("any-marker rate") + len("any-marker rate")  # the rates end under their header
     assert [r[col - 5:col] for r in rows] == ["0.125", "0.000"]
     assert rows[1].startswith("knockout_persona_from ")
+
+
+def test_marker_summary_names_the_dose_and_scores_swap_with_the_partners_markers():
+    """A steer job's markers are shown with its alpha; a swap job's with the partner X''s markers beside
+    its own (marker_any_partner: the same texts scored with X''s markers), in the summary, its keys and
+    the console table."""
+    from lac.results import format_table
+
+    def mark(iv, metric, values, **kw):
+        return [{"model": "m", "model_id": "m", "grid": "g", "cell": f"{p}__t", "persona": p, "task": "t",
+                 "site": "p_last", "layer": 14, "layers": "14", "intervention": iv, "metric": metric,
+                 "value": float(v), "factor": "persona", **kw} for p, v in zip("abcd", values, strict=True)]
+
+    df = frame(mark("swap", "marker_any", [1, 0, 0, 0], partner="next")
+               + mark("swap", "marker_distinct", [2, 0, 0, 0], partner="next")
+               + mark("swap", "marker_any_partner", [1, 1, 1, 0], partner="next")
+               + mark("swap", "marker_distinct_partner", [1, 2, 1, 0], partner="next")
+               + mark("steer", "marker_any", [0, 1, 0, 0], alpha=2.0)
+               + mark("steer", "marker_distinct", [0, 1, 0, 0], alpha=2.0))
+    s = summarize(df)["markers"]
+    assert s["swap"]["any_rate"] == 0.25 and s["swap"]["any_rate_partner"] == 0.75
+    assert s["swap"]["any_cells_partner"] == 3 and s["swap"]["distinct_mean_partner"] == 1.0
+    assert s["steer"]["alpha"] == 2.0 and "any_rate_partner" not in s["steer"]
+    keys = summary_keys({"markers": s})
+    assert keys["markers/swap/any_rate_partner"] == 0.75 and keys["markers/swap/distinct_mean"] == 0.5
+    lines = format_table({"markers": s}).splitlines()
+    assert [ln.split()[:2] for ln in lines[1:]] == [["swap", "0.250"], ["of", "partner"], ["steer", "a=2"]]
+    assert lines[2].split()[2:] == ["0.750", "3/4", "1.00"]
