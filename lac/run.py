@@ -100,6 +100,11 @@ def check_command_line(argv: list[str]) -> None:
             args, extra = get_args_parser().parse_known_args(argv)
     except SystemExit:
         return
+    modes = [flag for flag, on in (("-m/--multirun", args.multirun), ("--cfg", args.cfg), ("--info", args.info),
+                                   ("--run", args.run)) if on]
+    if len(modes) > 1:  # Hydra's own refusal is a ValueError traceback
+        raise LacError(f"{' and '.join(modes)} cannot be given together (Hydra runs one of them); to see the config "
+                       "of a sweep's job, drop -m: python -m lac.run --cfg job <one value per override>")
     if args.config_dir or args.config_path or args.config_name:
         return
     check_group_choices([*args.overrides, *(a for a in extra if not a.startswith("-"))], CONF)

@@ -259,3 +259,13 @@ def test_controls_bad_input():
         spec("experiment=markers", "markers.conditions=[clean,steerz]")
     m = spec("experiment=markers", "markers.conditions=[clean,kv_persona]", "intervention.layers=from:18")
     assert m.marker_layers == (18, 19, 20, 21, 22, 23)
+
+
+def test_two_hydra_modes_are_one_line_not_hydras_traceback():
+    from lac.errors import LacError
+    from lac.run import check_command_line
+
+    with pytest.raises(LacError, match=r"-m/--multirun and --cfg cannot be given together .* drop -m"):
+        check_command_line(["-m", "layer=4,5", "--cfg", "hydra"])
+    check_command_line(["--cfg", "job", "layer=4"])  # one mode: Hydra's to run
+    check_command_line(["-m", "layer=4,5"])
