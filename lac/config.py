@@ -84,6 +84,12 @@ def check_group_choices(overrides: Sequence[str], conf: str | Path) -> None:
         else:
             continue
         options = sorted(p.stem for p in folder.glob("*.yaml"))
+        if any(isinstance(v, (list, tuple)) for v in values):  # Hydra merges them: the last option silently wins
+            hint = ("; several sites in one job: site=transition (p_last, g1, g2) or site=all"
+                    if o.key_or_group == "site" else "")
+            raise ConfigError(f"{o.input_line}: a config group takes one option, not a list (Hydra would merge them "
+                              f"and run only the last); for one job per option: -m {o.key_or_group}=a,b{hint}; "
+                              f"allowed: {', '.join(options)}")
         bad = [v for v in values if isinstance(v, str) and v not in options]
         if bad:
             raise ConfigError(f"unknown {o.key_or_group} {', '.join(map(repr, bad))}; allowed: {', '.join(options)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,20 @@ def test_two_hydra_modes_are_one_line_not_hydras_traceback():
         check_command_line(["-m", "layer=4,5", "--cfg", "hydra"])
     check_command_line(["--cfg", "job", "layer=4"])  # one mode: Hydra's to run
     check_command_line(["-m", "layer=4,5"])
+
+
+@pytest.mark.parametrize("override", ["site=[p_last,g1]", "intervention=[additive,remove_x]", "model=[qwen0.5,smollm2]",
+                                      "grid=[short,long]"])
+def test_a_list_for_a_config_group_is_refused_not_merged(override):
+    """Hydra merges a list of a group's options and the job runs only the last (site=[p_last,g1] ran g1
+    alone, exit 0); lac refuses it before composing, naming the sweep form."""
+    from lac.api import compose as api_compose
+    from lac.errors import LacError
+    from lac.run import check_command_line
+
+    group = override.split("=")[0]
+    with pytest.raises(LacError, match=rf"{re.escape(override)}: a config group takes one option, not a list .* "
+                                       rf"-m {group}=a,b"):
+        check_command_line([override])
+    with pytest.raises(LacError, match="takes one option, not a list"):
+        api_compose(override)
