@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -252,6 +253,11 @@ def folders(root: Path | None = None) -> list[dict]:
     root = cache_root() if root is None else Path(root)
     found = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if not _is_key_folder(d):
+            found.append({"key": d.name, "path": d, "status": "foreign", "about": {}, "cells": 0,
+                          "bytes": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()), "used": 0.0,
+                          "days_unused": None})
+            continue
         files = [f for f in d.iterdir() if f.is_file()]
         about, record = {}, d / ABOUT
         try:
@@ -259,6 +265,7 @@ def folders(root: Path | None = None) -> list[dict]:
         except (OSError, ValueError):
             pass
         used = record.stat().st_mtime if record.is_file() else max((f.stat().st_mtime for f in files), default=0.0)
+        days = (time.time() - used) / 86400 if used else None  # an empty folder: no use to date
         if not about:
             status = "unknown"
         elif (about.get("numerics_version"), about.get("capture_version")) == (NUMERICS_VERSION, CAPTURE_VERSION):
@@ -267,9 +274,21 @@ def folders(root: Path | None = None) -> list[dict]:
             status = "stale"
         found.append({"key": d.name, "path": d, "status": status, "about": about,
                       "cells": sum(f.suffix == ".safetensors" for f in files),
-                      "bytes": sum(f.stat().st_size for f in files), "used": used,
-                      "days_unused": (time.time() - used) / 86400})
+                      "bytes": sum(f.stat().st_size for f in files), "used": used, "days_unused": days})
     return found
+
+
+_KEY = re.compile(r"[0-9a-f]{20}")  # capture_key's folder names
+
+
+def _is_key_folder(d: Path) -> bool:
+    """A folder lac's activation cache made: a capture key's name, holding only files (cells, about.json,
+    temp files), no folders. Anything else under the root (LAC_ACTIVATIONS_DIR set to ~/.cache/lac, say,
+    whose models/ hold the converted weights) is listed as foreign and never deleted."""
+    try:
+        return bool(_KEY.fullmatch(d.name)) and all(f.is_file() for f in d.iterdir())
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = folders(root)
     print(f"activation cache {root}: {len(rows)} folder(s), {sum(r['bytes'] for r in rows) / 2**20:.0f} MiB")
     for r in rows:
+        if r["status"] == "foreign":
+            print(f"  {r['key']}  not an activation-cache folder ({r['bytes'] / 2**20:.1f} MiB): left alone")
+            continue
         a = r["about"]
         what = f"{a.get('model', '?')} ({a.get('dtype', '?')}, {a.get('linear', '?')}) grid {a.get('grid', '?')}" if a \
             else "written before lac recorded what a folder holds"
@@ -300,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['key']}  {r['status']:<7}  {r['cells']:>4} cells  {r['bytes'] / 2**20:>8.1f} MiB  "
               f"last used {when}  {what}")
     doomed = [r for r in rows if (args.prune_stale and r["status"] == "stale")
-              or (args.prune_unused is not None and r["days_unused"] > args.prune_unused)]
+              or (args.prune_unused is not None and r["days_unused"] is not None
+                  and r["days_unused"] > args.prune_unused)]
     for r in doomed:
-        print(f"{'would delete' if args.dry_run else 'deleting'} {r['path']} ({r['status']}, "
-              f"unused for {r['days_unused']:.1f} days, {r['bytes'] / 2**20:.1f} MiB)")
+        unused = f"unused for {r['days_unused']:.1f} days" if r["days_unused"] is not None else "never used"
+        print(f"{'would delete' if args.dry_run else 'deleting'} {r['path']} ({r['status']}, {unused}, "
+              f"{r['bytes'] / 2**20:.1f} MiB)")
         if not args.dry_run:
             shutil.rmtree(r["path"], ignore_errors=True)
     if doomed:

@@ -89,3 +89,26 @@ def test_an_unwritable_cache_folder_is_not_an_error(root, monkeypatch):
     cache = ActivationCache(tiny_model("qwen2"), _grid())
     assert cache.dir is not None and not (cache.dir / ABOUT).exists()
     assert cache_mod.folders() == []
+
+
+def test_folders_lac_did_not_make_are_never_pruned(root, capsys):
+    """LAC_ACTIVATIONS_DIR pointed at ~/.cache/lac by mistake: its models/ (converted weights, in nested
+    folders) listed as 0 MiB, "unused for 20782 days" and deleted by --prune-unused. Now only capture-key
+    folders holding files count; an empty key folder has no use date and is not "unused since 1970"."""
+    models = root / "models" / "qwen-abc"
+    models.mkdir(parents=True)
+    (models / "model.safetensors").write_bytes(b"w" * 3000)
+    odd = root / "notakey"
+    odd.mkdir()
+    (odd / "a.safetensors").write_bytes(b"z")
+    _age(odd / "a.safetensors", 400)
+    empty = root / "0123456789abcdef0123"
+    empty.mkdir()
+    rows = {r["key"]: r for r in folders()}
+    assert rows["models"]["status"] == rows["notakey"]["status"] == "foreign" and rows["models"]["bytes"] == 3000
+    assert rows[empty.name]["days_unused"] is None
+    assert main(["--prune-unused", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "models  not an activation-cache folder (0.0 MiB): left alone" in out
+    assert (models / "model.safetensors").is_file() and odd.is_dir() and empty.is_dir()
+    assert "nothing to delete" in out
