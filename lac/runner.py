@@ -10,6 +10,7 @@ basic-launcher multirun.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -427,6 +428,8 @@ def _compute(cfg: DictConfig, spec: Spec, store: JobStore, key: str, config: dic
     summary = {
         **provenance(), "schema": SCHEMA_VERSION, "key": key,
         "config": config, "summary": summarize(df), "seconds": round(time.time() - t0, 2),
+        # the report tells two grids of one name apart by it (swap's partners are the intervention's, not the grid's)
+        "grid_hash": dataclasses.replace(spec.grid, partners={}).content_hash(), "finished": round(time.time(), 3),
     }
     changed = [*spec.interventions, *(spec.condition_ivs if spec.mode == "markers" else ())]
     if any("L" in iv.host for iv in changed):

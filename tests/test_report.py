@@ -1077,3 +1077,48 @@ def test_interventions_on_other_factors_are_never_pooled_with_the_persona():
     # the job's own summary (console, summary.json, W&B keys) names the factor the same way
     s = summarize(df)
     assert {r["intervention"] for r in s["kl"]} == {"remove_x", "remove_x[task]", "host_none", "host_none[task]"}
+
+
+def test_two_grids_of_one_name_are_reported_apart_and_duplicates_keep_the_newest(tmp_path: Path, capsys):
+    """Two grid files both called g.yaml (and a file edited between jobs) were pooled in one median
+    under grid `g`, silently (walk finding); and of a row measured twice the report kept the one of the
+    job dir listed last, not the newest."""
+    from lac.report.loading import grid_identity
+
+    df = sweep_frame("m", OTHER, "g", layers=(6,))
+    write_job(tmp_path / "r" / "a", df, {"grid_hash": "1111", "finished": 100.0})
+    write_job(tmp_path / "r" / "b", df.assign(value=df.value * 10), {"grid_hash": "2222", "finished": 50.0})
+    out = tmp_path / "rep"
+    assert report.main([str(tmp_path / "r"), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    kept = pd.read_parquet(out / "results.parquet")
+    names = sorted(set(kept.grid))
+    assert len(names) == 2 and all(n.startswith("g@") for n in names) and len(kept) == 2 * len(df)
+    assert "grid name 'g' belongs to 2 different grids (files or contents); reported apart as" in said
+    assert "duplicated" not in said
+    manifest = json.loads((out / "report.json").read_text())
+    assert sorted(manifest["grids_renamed"]["g"]) == names
+    assert "Grid name `g` belongs to 2 different grids" in (out / "tables.md").read_text()
+    by_grid = kept[kept.metric == "kl"].groupby("grid").value.sum()
+    assert sorted(by_grid.round(9)) == sorted([round(df[df.metric == "kl"].value.sum(), 9),
+                                               round(df[df.metric == "kl"].value.sum() * 10, 9)])
+
+    # the same grid (same hash): one grid; the row measured twice keeps the job that finished last,
+    # whatever the order of the folders
+    write_job(tmp_path / "s" / "a", df.assign(value=df.value * 3), {"grid_hash": "1111", "finished": 200.0})
+    write_job(tmp_path / "s" / "b", df, {"grid_hash": "1111", "finished": 100.0})
+    assert report.main([str(tmp_path / "s"), "--out", str(tmp_path / "rs")]) == 0
+    said = capsys.readouterr().out
+    assert "kept the newest (the job that finished last)" in said
+    kept = pd.read_parquet(tmp_path / "rs" / "results.parquet")
+    assert set(kept.grid) == {"g"} and kept.value.sum() == pytest.approx(3 * df.value.sum())
+    assert json.loads((tmp_path / "rs" / "report.json").read_text())["duplicates"]["with_other_values"] == (df.value != 0).sum()
+
+    # jobs from before lac recorded the hash: a grid file by its path; an inline grid by its content
+    assert grid_identity({"config": {"grid": {"name": "g", "path": "/x/g.yaml"}}}) == ("path", "/x/g.yaml")
+    inline = {"name": "short", "path": None, "baseline": {"persona": "p", "task": "t"},
+              "personas": {"a": "A"}, "tasks": {"x": "X"}}
+    from lac.grid import grid_from_mapping
+
+    assert grid_identity({"config": {"grid": inline}}) == ("hash", grid_from_mapping(inline, "short").content_hash())
+    assert grid_identity({"config": {}}) is None

@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lac.report: no readable results: {e}", file=err)
         return EXIT_NO_RESULTS
     jobs = [d for d in found.jobs if Path(d) / RESULTS_FILE not in unreadable]
+    renamed = df.attrs.get("grids_renamed", {})
     raw, n_dup, n_differ = drop_duplicate_rows(df)
     df = label_conditions(raw)  # remove_x[task] apart from remove_x: a factor other than the persona is named
     if df.empty:
@@ -161,14 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"lac.report: {len(jobs)} job dir(s), {len(df)} rows, {len(found.incomplete)} incomplete"
         + (f", {len(unreadable)} unreadable results file(s) skipped" if unreadable else "")
     )
+    for name, names in renamed.items():
+        print(f"lac.report: warning: grid name {name!r} belongs to {len(names)} different grids (files or "
+              f"contents); reported apart as {', '.join(names)} (grid.name=... names each)")
     if n_differ:
         print(f"lac.report: warning: {n_differ} duplicated row(s) with different values (the same model, grid "
-              f"name, cell, site, layer and intervention measured twice: before and after a change, or two grids "
-              f"with one name, which grid.name=... tells apart"
+              f"name, cell, site, layer and intervention measured twice: before and after a change of lac"
               + ("; or swap jobs with different intervention.partner rules written before lac recorded the rule "
                  "(results schema < 3): report those separately"
                  if ((raw["intervention"] == "swap") & (raw["partner"] == "")).any() else "")
-              + "); kept the last")
+              + "); kept the newest (the job that finished last)")
     if n_dup > n_differ:
         print(f"lac.report: {n_dup - n_differ} duplicated row(s) with equal values (the same cell in two jobs) "
               f"counted once")
@@ -193,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         header += ["", "Incomplete: " + "; ".join(describe_incomplete(d) for d in found.incomplete)]
     if unreadable:
         header += ["", "Skipped (unreadable): " + ", ".join(f"`{f}`" for f in unreadable)]
+    for name, names in renamed.items():
+        header += ["", f"Grid name `{name}` belongs to {len(names)} different grids: reported apart as "
+                       + ", ".join(f"`{n}`" for n in names) + "."]
+    if n_differ:
+        header += ["", f"{n_differ} row(s) were measured twice with different values; each keeps the value of "
+                       "the job that finished last."]
 
     clear_previous(out)
     written: dict[str, Any] = {}
@@ -263,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "job_dirs": [str(d) for d in jobs],
         "incomplete": [str(d) for d in found.incomplete],
         "unreadable": [str(f) for f in unreadable],
+        "grids_renamed": renamed,
+        "duplicates": {"dropped": n_dup, "with_other_values": n_differ},
         "written": written,
     }
     write_text(json.dumps(manifest, indent=2) + "\n", out / REPORT_MARKER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -186,14 +187,70 @@ def load_results(
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
             raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
-        frames.append(df[list(COLUMNS)])
+        frames.append((_finished(summary, f), grid_identity(summary), df[list(COLUMNS)]))
     if unreadable and not frames:
         raise NoReadableResults(unreadable)
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
-    out = pd.concat(frames, ignore_index=True).astype(COLUMNS)
+    frames.sort(key=lambda t: t[0])  # oldest first: a row measured twice keeps its newest value
+    renamed = _grids_apart(frames)
+    out = pd.concat([df for *_, df in frames], ignore_index=True).astype(COLUMNS)
     out["layers"] = out["layers"].map(_norm_layers).astype("string")
+    out.attrs["grids_renamed"] = renamed
     return out
+
+
+def _finished(summary: dict[str, Any], results: Path) -> float:
+    """When a job finished: summary.json's `finished`, else (jobs before lac recorded it) its results' mtime."""
+    try:
+        return float(summary.get("finished") or results.stat().st_mtime)
+    except (OSError, TypeError, ValueError):
+        return 0.0
+
+
+def grid_identity(summary: dict[str, Any]) -> tuple[str, str] | None:
+    """What a job's grid was, beyond its name: ("hash", its content hash) from summary.json's `grid_hash`, or
+    rebuilt from a grid given inline in its config; for a grid file of a job from before lac recorded the
+    hash, ("path", the file's path); None when unknown."""
+    if summary.get("grid_hash"):
+        return ("hash", str(summary["grid_hash"]))
+    grid = (summary.get("config") or {}).get("grid")
+    if not isinstance(grid, dict):
+        return None
+    if grid.get("path"):
+        return ("path", str(grid["path"]))
+    try:
+        from lac.grid import grid_from_mapping
+
+        return ("hash", grid_from_mapping(grid, name=str(grid.get("name"))).content_hash())
+    except Exception:  # a config this lac cannot read as a grid: no identity, never renamed
+        return None
+
+
+def _grids_apart(frames: list[tuple[float, tuple[str, str] | None, pd.DataFrame]]) -> dict[str, list[str]]:
+    """Jobs of different grids that share a name (two files called g.yaml, or one edited in place) would be
+    pooled in every median under that name: each is renamed `<name>@<6 hex>` of its content, in place.
+    Content hashes are compared with content hashes, paths (older jobs) with paths. Returns {name: the
+    names given} for the report to say so."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for _, ident, df in frames:
+        if ident is not None:
+            for name in df["grid"].dropna().unique():
+                seen.setdefault((str(name), ident[0]), set()).add(ident[1])
+    clash = {name for (name, _), idents in seen.items() if len(idents) > 1}
+    renamed: dict[str, list[str]] = {}
+    for i, (t, ident, df) in enumerate(frames):
+        hit = df["grid"].isin(clash)
+        if ident is None or not hit.any():
+            continue
+        tag = hashlib.sha256(":".join(ident).encode()).hexdigest()[:6]
+        df = df.assign(grid=df["grid"].where(~hit, df["grid"].astype(str) + f"@{tag}"))
+        for name in sorted(set(df.loc[hit, "grid"])):
+            base = name.rpartition("@")[0]
+            if name not in renamed.setdefault(base, []):
+                renamed[base].append(name)
+        frames[i] = (t, ident, df)
+    return renamed
 
 
 def drop_duplicate_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
