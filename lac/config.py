@@ -400,6 +400,10 @@ def job_key(cfg: DictConfig) -> str:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
     if iv.get("factor") == "persona":
         iv.pop("factor")  # the default: keys of jobs from before designs stay valid
+    for node, k in ((data, "layer"), (data, "geometry_layers"), (iv, "layers")):  # [10,6] is the job [6,10] is
+        v = node.get(k)
+        if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            node[k] = sorted(v)
     if isinstance(iv.get("alpha"), float) and iv["alpha"].is_integer():
         iv["alpha"] = int(iv["alpha"])  # alpha=2.0 is the job alpha=2 is (one key, not a recompute)
     if data.get("mode") == "markers" and iv.get("name") not in data.get("markers", {}).get("conditions", []):

@@ -152,6 +152,11 @@ def test_job_key_ignores_where_and_how_but_not_what():
     steer = ["tracker=none", "intervention=steer"]
     assert job_key(compose([*steer, "intervention.alpha=2.0"])) == job_key(compose([*steer, "intervention.alpha=2"]))
     assert job_key(compose([*steer, "intervention.alpha=2.5"])) != job_key(compose([*steer, "intervention.alpha=2"]))
+    # layer lists in another order are the same job (they were computed and stored twice)
+    for key, a, b in (("layer", "[10,6]", "[6,10]"), ("geometry_layers", "[10,6]", "[6,10]"),
+                      ("intervention.layers", "[12,10]", "[10,12]")):
+        assert job_key(compose([f"{key}={a}"])) == job_key(compose([f"{key}={b}"]))
+    assert job_key(compose(["layer=[6,10]"])) != job_key(compose(["layer=[6,11]"]))
 
 
 def test_every_shipped_config_composes_and_validates():
