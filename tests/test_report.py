@@ -462,6 +462,19 @@ def test_kl_by_layer_figure_overlays_models_per_site():
     assert fig.axes[0].get_xlabel() == "layer"
 
 
+def test_a_one_panel_figure_keeps_its_whole_title():
+    """One site, two models: one panel 4.6 in wide, whose title was clipped at both edges (walk finding)."""
+    df = pd.concat([sweep_frame("a", OTHER, "short"), sweep_frame("b", GEMMA, "short", seed=3)], ignore_index=True)
+    df = df[df.site == "p_last"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in (report.kl_by_layer_figure(df, depths={}), report.geometry_by_layer_figure(df, depths={})):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        box = fig._suptitle.get_window_extent(canvas.get_renderer())
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+
+
 def test_geometry_figure_overlays_models_and_names_the_metric():
     df = pd.concat(
         [sweep_frame("a", OTHER, "short"), sweep_frame("b", GEMMA, "short", seed=3)], ignore_index=True

@@ -44,6 +44,14 @@ def _new_figure(nrows: int, ncols: int) -> Any:
     return Figure(figsize=(4.6 * ncols, 3.6 * nrows), layout="constrained")
 
 
+def _suptitle(fig: Any, text: str) -> None:
+    """The figure's title, wrapped to its width (a one-panel figure clipped the KL title at both edges)."""
+    import textwrap
+
+    width = max(30, int(fig.get_figwidth() * 13))  # ~13 characters per inch at 10 pt
+    fig.suptitle(textwrap.fill(text, width), fontsize=10)
+
+
 def _models(s: pd.DataFrame) -> list[tuple[str, str]]:
     return sorted({(str(m), str(i)) for m, i in zip(s["model"], s["model_id"], strict=True)})
 
@@ -134,7 +142,7 @@ def kl_by_layer_figure(
         ax.set_title(f"{site} · grid {grid}", fontsize=10)
         ax.set_ylabel("additive KL (nats, 10 tokens)")
         ax.legend(fontsize=7)
-    fig.suptitle("Median causal KL of additive substitution over cells (band: p25–p75)", fontsize=10)
+    _suptitle(fig, "Median causal KL of additive substitution over cells (band: p25–p75)")
     return fig
 
 
@@ -196,7 +204,7 @@ def geometry_by_layer_figure(
             ax.set_ylabel(f"median {GEOMETRY_LABELS.get(metric, metric)}")
             if layers:
                 ax.legend(fontsize=7)
-    fig.suptitle("Geometry of the 2x2 decomposition: median over cells", fontsize=10)
+    _suptitle(fig, "Geometry of the 2x2 decomposition: median over cells")
     return fig
 
 
