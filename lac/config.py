@@ -155,6 +155,11 @@ def _check_range(layers: list[int], n: int, what: str, model: str) -> None:
 def load_grid_cfg(cfg: DictConfig) -> Grid:
     g = cfg.grid
     if g.get("path") not in (None, "", "???") and not OmegaConf.is_missing(g, "path"):
+        shipped = [k for k in ("personas", "tasks", "factors", "messages") if g.get(k) is not None]
+        if shipped:  # grid=short grid.path=F ran F's cells under the name 'short'
+            raise ConfigError(f"grid.path={g.path} with grid={g.get('name')}: a grid file goes with grid=custom "
+                              f"(grid {g.get('name')!r} has prompts of its own, and its name would label the file's "
+                              f"results): python -m lac.run grid=custom grid.path={g.path}")
         return load_grid(g.path, name=g.get("name") or Path(g.path).stem)
     if OmegaConf.is_missing(g, "path"):
         raise ConfigError("grid=custom needs grid.path=/path/to/grid.yaml")
@@ -167,6 +172,10 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
     (with swap partners set for swap)."""
     name = str(icfg.get("name"))
     factor = icfg.get("factor")
+    if name in WHOLE_DESIGN and factor is not None:
+        acts_on_one = sorted(n for n in INTERVENTIONS if n not in WHOLE_DESIGN and not n.startswith("host_"))
+        raise ConfigError(f"intervention.factor={factor!r}: {name} is about the whole design, no one factor; "
+                          f"a factor applies to {', '.join(acts_on_one)}")
     if factor is None:  # the persona; a design without one: any factor for those about every factor
         if "persona" in grid.factor_names:
             factor = "persona"
@@ -300,6 +309,10 @@ def build_spec(cfg: DictConfig) -> Spec:
     if attn_mass and m.get("attn_implementation") != "eager":
         raise ConfigError("attn_persona reads attention weights, which needs eager attention: "
                           "set model.attn_implementation=eager")
+    if attn_mass and mode == "markers":
+        raise ConfigError("attn_persona=true writes its rows in mode=kl jobs (the clean XY run's KL window); "
+                          "mode=markers generates text and would drop them: run attn_persona=true without "
+                          "experiment=markers")
     if attn_mass and "persona" not in grid.factor_names:
         raise ConfigError(f"attn_persona=true measures attention on the persona span, and grid {grid.name!r} has "
                           f"no persona factor (factors: {', '.join(grid.factor_names)})")
@@ -398,8 +411,8 @@ def job_key(cfg: DictConfig) -> str:
     iv = data.get("intervention", {})
     if iv.get("name") in INTERVENTIONS and not INTERVENTIONS[iv["name"]].writes:
         iv.pop("layers", None)  # writes nothing: a layer set cannot change what it computes
-    if iv.get("factor") == "persona":
-        iv.pop("factor")  # the default: keys of jobs from before designs stay valid
+    if iv.get("factor", "persona") in ("persona", None):
+        iv.pop("factor", None)  # the default (null: whole-design interventions): keys from before designs stay valid
     for node, k in ((data, "layer"), (data, "geometry_layers"), (iv, "layers")):  # [10,6] is the job [6,10] is
         v = node.get(k)
         if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):

@@ -389,9 +389,14 @@ def grid_from_mapping(data: Any, name: str, where: str = "grid") -> Grid:
             continue  # the paper's marker table covers personas of other grids too
         if not isinstance(ms, list) or not ms:
             raise GridError(f"{where}: markers of {k!r} must be a non-empty list, got {ms!r}")
+        seen: dict[str, str] = {}
         for m in ms:
             if not isinstance(m, str) or not m.strip():
                 raise GridError(f"{where}: persona {k!r} has an empty marker {m!r}; markers must be non-empty strings")
+            if m.lower() in seen and seen[m.lower()] != m:  # scoring ignores case: one marker counted twice
+                raise GridError(f"{where}: persona {k!r} has markers {seen[m.lower()]!r} and {m!r}, one marker to "
+                                f"scoring (it ignores case), which would count it twice in marker_distinct: keep one")
+            seen.setdefault(m.lower(), m)
         markers[str(k)] = [str(m) for m in ms]
     return Grid(name=name, factors=factors, messages=messages, explicit_cells=_cells(data, factors, where),
                 markers=markers)

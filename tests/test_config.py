@@ -292,3 +292,25 @@ def test_a_list_for_a_config_group_is_refused_not_merged(override):
         check_command_line([override])
     with pytest.raises(LacError, match="takes one option, not a list"):
         api_compose(override)
+
+
+def test_walk_findings_in_markers_and_controls_are_one_line_before_any_load(tmp_path):
+    """Each ran (or failed in Hydra) before: attn_persona in markers mode wrote no attention rows (exit 0);
+    grid=short grid.path=F ran F's cells labelled 'short'; intervention.factor on additive was Hydra's
+    struct error; markers 'the' and 'The' counted twice in marker_distinct."""
+    with pytest.raises(ConfigError, match=r"attn_persona=true writes its rows in mode=kl jobs .* without "
+                                          r"experiment=markers"):
+        spec("experiment=markers", "model.attn_implementation=eager", "attn_persona=true")
+    path = _grid(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match=rf"grid.path={re.escape(str(path))} with grid=short: a grid file goes "
+                                          r"with grid=custom"):
+        spec("grid=short", f"grid.path={path}")
+    for iv in ("additive", "clean", "bare"):
+        with pytest.raises(ConfigError, match=rf"intervention.factor='task': {iv} is about the whole design, no one "
+                                              r"factor; a factor applies to .*remove.*steer.*swap"):
+            spec(f"intervention={iv}", "intervention.factor=task")
+    with pytest.raises(GridError, match=r"persona 'pirate' has markers 'arr' and 'Arr', one marker to scoring"):
+        load_grid(_grid(tmp_path, GOOD + "markers: {pirate: [arr, matey, Arr]}\n"))
+    load_grid(_grid(tmp_path, GOOD + "markers: {pirate: [arr, matey, arr]}\n"))  # the same string twice: merged
+    # the whole-design interventions' new `factor: null` leaves their job keys as they were
+    assert job_key(compose(["tracker=none"])) == job_key(compose(["tracker=none", "intervention.factor=null"]))
