@@ -198,6 +198,7 @@ def _run(cfg: DictConfig, out: Path, overrides: tuple[str, ...]) -> JobResult:
     import pandas as pd
 
     from lac import runner
+    from lac.results import current_schema
 
     runner._STARTED_UP = True  # a notebook's time since `import lac` is no job's start-up
     with _quiet():
@@ -206,7 +207,7 @@ def _run(cfg: DictConfig, out: Path, overrides: tuple[str, ...]) -> JobResult:
     markers = cfg.get("mode") == "markers" and gens.is_file()
     return JobResult(
         summary=summary,
-        rows=pd.read_parquet(out / "results.parquet"),
+        rows=current_schema(pd.read_parquet(out / "results.parquet")),  # a reused older job: today's columns
         generations=[json.loads(line) for line in gens.read_text().splitlines()] if markers else [],
         dir=out,
         overrides=overrides,

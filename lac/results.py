@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lac.errors import LacError
 from lac.io import atomic_write_bytes, atomic_write_json, locked, remove_stale_tmp
-from lac.schema import COLUMNS, DECOMPOSITION, SCHEMA_VERSION, condition_label
+from lac.schema import COLUMNS, DECOMPOSITION, OLDER_DEFAULTS, SCHEMA_VERSION, condition_label
 from lac.stats import describe as cell_stats
 from lac.stats import layers_key
 
@@ -41,6 +41,14 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         df[col] = ["" if not isinstance(v, str) else v for v in df[col]]
     df["schema"] = SCHEMA_VERSION
     return df.astype(COLUMNS)
+
+
+def current_schema(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of an older results schema (every row of one file) with the columns it lacks at their
+    defaults (lac.schema.OLDER_DEFAULTS), so jobs of any lac line up; rows of this schema unchanged."""
+    if "schema" not in df or df.empty or not (df["schema"] < SCHEMA_VERSION).all():
+        return df
+    return df.assign(**{c: v for c, v in OLDER_DEFAULTS.items() if c not in df.columns}, schema=SCHEMA_VERSION)
 
 
 def summarize(df: pd.DataFrame) -> dict[str, Any]:

@@ -645,6 +645,10 @@ def run(cfg: DictConfig, job_dir: Path | None = None) -> dict[str, Any]:
         name = f"{cfg.model.name}-{spec.grid.name}-{key[:8]}" + (f"-rerun{reruns}" if reruns else "")
         if not rerun and final.done:
             log.info("job %s already finished in %s: reusing its results", key, final.dir)
+            staged = JobStore(Path(cfg.results_root), key, staging=True)
+            if staged.has_parts():  # a rerun killed mid-way: its parts wait for the next rerun=true
+                log.warning("an unfinished rerun of job %s is in %s (rerun=true resumes it; delete the folder "
+                            "to drop it)", key, staged.dir)
             summary = json.loads((final.dir / "summary.json").read_text())
         else:
             store = JobStore(Path(cfg.results_root), key, staging=True) if rerun else final

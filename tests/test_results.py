@@ -128,3 +128,19 @@ def test_marker_summary_names_the_dose_and_scores_swap_with_the_partners_markers
     lines = format_table({"markers": s}).splitlines()
     assert [ln.split()[:2] for ln in lines[1:]] == [["swap", "0.250"], ["of", "partner"], ["steer", "a=2"]]
     assert lines[2].split()[2:] == ["0.750", "3/4", "1.00"]
+
+
+def test_rows_of_an_older_schema_get_todays_columns():
+    """A job reused from before schema 3 (lac.api returns its rows; the report reads them) gets `partner`
+    "" and schema 3; schema 1 also factor "" and alpha NaN; rows of this schema are returned as they are."""
+    from lac.results import current_schema
+    from lac.schema import COLUMNS, SCHEMA_VERSION
+
+    now = frame(_rows(["a__x", "b__x"]))
+    assert current_schema(now) is now
+    v2 = now.drop(columns="partner").assign(schema=2)
+    up = current_schema(v2)
+    assert set(up.columns) == set(COLUMNS) and set(up.partner) == {""} and set(up.schema) == {SCHEMA_VERSION}
+    v1 = now.drop(columns=["partner", "factor", "alpha"]).assign(schema=1)
+    up = current_schema(v1)
+    assert set(up.factor) == {""} and up.alpha.isna().all() and set(up.columns) == set(COLUMNS)

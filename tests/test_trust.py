@@ -315,6 +315,13 @@ def test_corrupt_results_are_rebuilt_and_rerun_replaces_them(tmp_path):
     assert_same_results(pd.read_parquet(job / "results.parquet"), good)
     assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith((".rerun", ".old"))]
 
+    # a rerun killed mid-way left its parts: a plain run reuses the results and says where they wait
+    staged = tmp_path / "store" / f".rerun-{job.name}" / "parts"
+    shutil.copytree(job / "parts", staged)
+    fifth = cli(tmp_path, "tracker=none")
+    assert fifth.returncode == 0 and "already finished" in fifth.log
+    assert f"an unfinished rerun of job {job.name} is in {staged.parent} (rerun=true resumes it" in fifth.log
+
 
 @pytest.mark.slow
 def test_a_finished_jobs_wandb_run_is_logged_if_it_never_was(tmp_path):

@@ -23,7 +23,8 @@ from lac.report._common import (
     SUMMARY_FILE,
     _norm_layers,
 )
-from lac.schema import COLUMNS, OLDER_DEFAULTS, READABLE_SCHEMAS, SCHEMA_VERSION
+from lac.results import current_schema
+from lac.schema import COLUMNS, READABLE_SCHEMAS, SCHEMA_VERSION
 
 
 class SchemaError(ValueError):
@@ -182,8 +183,7 @@ def load_results(
                 f"{f}: schema {shown}{written_by}; "
                 f"this lac {lac.__version__} reads schemas {READABLE_SCHEMAS} only"
             )
-        if (col < SCHEMA_VERSION).all():  # an older schema: the columns it lacks get their defaults
-            df = df.assign(**{c: v for c, v in OLDER_DEFAULTS.items() if c not in df.columns}, schema=SCHEMA_VERSION)
+        df = current_schema(df)  # an older schema: the columns it lacks get their defaults
         missing = [c for c in COLUMNS if c not in df.columns]
         if missing:
             raise SchemaError(f"{f}: schema {SCHEMA_VERSION} but columns missing: {missing}")
