@@ -46,7 +46,7 @@ def frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def current_schema(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of an older results schema (every row of one file) with the columns it lacks at their
     defaults (lac.schema.OLDER_DEFAULTS), so jobs of any lac line up; rows of this schema unchanged."""
-    if "schema" not in df or df.empty or not (df["schema"] < SCHEMA_VERSION).all():
+    if "schema" not in df or not (df["schema"] < SCHEMA_VERSION).all():
         return df
     return df.assign(**{c: v for c, v in OLDER_DEFAULTS.items() if c not in df.columns}, schema=SCHEMA_VERSION)
 
