@@ -144,3 +144,4 @@ def test_rows_of_an_older_schema_get_todays_columns():
     v1 = now.drop(columns=["partner", "factor", "alpha"]).assign(schema=1)
     up = current_schema(v1)
     assert set(up.factor) == {""} and up.alpha.isna().all() and set(up.columns) == set(COLUMNS)
+    assert set(current_schema(v2.iloc[:0]).columns) == set(COLUMNS)  # a job without rows reads too
