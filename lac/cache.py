@@ -245,6 +245,9 @@ def _note_use(folder: Path, about: dict) -> None:
         pass
 
 
+_KEY = re.compile(r"[0-9a-f]{20}")  # capture_key's folder names
+
+
 def folders(root: Path | None = None) -> list[dict]:
     """Every key folder under the cache root: what it holds, its size, when last used, and whether
     this lac reads it (`status`: current, stale, or unknown for folders written before `about.json`)."""
@@ -253,12 +256,18 @@ def folders(root: Path | None = None) -> list[dict]:
     root = cache_root() if root is None else Path(root)
     found = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        if not _is_key_folder(d):
+        try:
+            entries: list[Path] | None = list(d.iterdir())
+        except OSError:  # a folder this process cannot list is nobody's to delete here
+            entries = None
+        files = [f for f in entries or [] if f.is_file()]
+        if entries is None or not _KEY.fullmatch(d.name) or len(files) < len(entries):
+            # not made by the cache (a capture key's name, holding only files): LAC_ACTIVATIONS_DIR set to
+            # ~/.cache/lac, say, whose models/ hold the converted weights; listed as foreign, never deleted
             found.append({"key": d.name, "path": d, "status": "foreign", "about": {}, "cells": 0,
                           "bytes": sum(f.stat().st_size for f in d.rglob("*") if f.is_file()), "used": 0.0,
                           "days_unused": None})
             continue
-        files = [f for f in d.iterdir() if f.is_file()]
         about, record = {}, d / ABOUT
         try:
             about = json.loads(record.read_text())
@@ -276,19 +285,6 @@ def folders(root: Path | None = None) -> list[dict]:
                       "cells": sum(f.suffix == ".safetensors" for f in files),
                       "bytes": sum(f.stat().st_size for f in files), "used": used, "days_unused": days})
     return found
-
-
-_KEY = re.compile(r"[0-9a-f]{20}")  # capture_key's folder names
-
-
-def _is_key_folder(d: Path) -> bool:
-    """A folder lac's activation cache made: a capture key's name, holding only files (cells, about.json,
-    temp files), no folders. Anything else under the root (LAC_ACTIVATIONS_DIR set to ~/.cache/lac, say,
-    whose models/ hold the converted weights) is listed as foreign and never deleted."""
-    try:
-        return bool(_KEY.fullmatch(d.name)) and all(f.is_file() for f in d.iterdir())
-    except OSError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

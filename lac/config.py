@@ -31,7 +31,7 @@ from lac.io import unwritable
 from lac.models import check_model_available, local_config, resolve_device, resolve_dtype
 from lac.numerics import NUMERICS_VERSION
 from lac.prompts import bare_messages
-from lac.schema import partner_label
+from lac.schema import DEFAULT_PARTNER, partner_label
 from lac.sites import SITES, check_sites
 
 MODES = ("kl", "markers")
@@ -196,7 +196,7 @@ def _intervention(icfg: DictConfig, grid: Grid) -> tuple[Intervention, Grid]:
             raise ConfigError(f"intervention.alpha is set but {name} has no dose; allowed with: {', '.join(NEEDS_ALPHA)}")
         alpha = float(alpha)
     if name == "swap":
-        rule = icfg.get("partner", "next")
+        rule = icfg.get("partner", DEFAULT_PARTNER)
         rule = OmegaConf.to_container(rule) if isinstance(rule, DictConfig) else rule
         try:
             grid = with_partners(grid, factor, rule)
